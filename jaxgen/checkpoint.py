@@ -1,0 +1,126 @@
+"""Run folders and Orbax checkpoints.
+
+A run folder holds `config.json` (the job that made it), `checkpoints/<step>/` (Orbax writes each step into a
+temporary folder and renames it when complete, so a killed run never leaves a half-written checkpoint behind),
+`metrics.jsonl` and `samples/`. Each checkpoint stores the training state pytree and, as JSON, the data loader
+position, so a resumed run sees the same batches and PRNG keys as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxgen import config as config_lib
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunFolderError(ValueError):
+    """A run folder that is missing, incomplete or made by another model."""
+
+
+def model_signature(config: config_lib.Config) -> dict[str, Any]:
+    """Return what must match for a checkpoint to load into a model: the task and the model config."""
+    return {"task": config.task, "model": config_lib.config_to_dict(config.model)}
+
+
+def check_run_folder(workdir: pathlib.Path, config: config_lib.Config) -> None:
+    """Raise if `workdir` already holds a run of a different task or model than `config`."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return
+    existing = config_lib.read_config(path)
+    if model_signature(existing) != model_signature(config):
+        raise RunFolderError(
+            f"run folder {workdir} holds a checkpoint of another model (task {existing.task!r}, "
+            f"model {type(existing.model).__name__}) than this config (task {config.task!r}, model "
+            f"{type(config.model).__name__}, or the same class with other settings); choose a new folder with "
+            f"--set train.workdir=PATH or delete {workdir}"
+        )
+
+
+def read_run_config(workdir: str | pathlib.Path, *, expected_task: str | None = None) -> config_lib.Config:
+    """Read the config of a finished or running run folder, checking that it exists and has a checkpoint."""
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+        raise RunFolderError(
+            f"run folder {workdir} does not exist; train one first, e.g. python -m jaxgen.train --cfg ddpm_digits"
+        )
+    path = workdir / CONFIG_FILE
+    if not path.is_file():
+        raise RunFolderError(f"{workdir} is not a jaxgen run folder: it has no {CONFIG_FILE}")
+    config = config_lib.read_config(path)
+    if expected_task is not None and config.task != expected_task:
+        raise RunFolderError(
+            f"run folder {workdir} belongs to a {config.task!r} model, but a {expected_task!r} model is needed here"
+        )
+    return config
+
+
+class CheckpointStore:
+    """Save and restore the training state and loader position of one run folder."""
+
+    def __init__(self, workdir: pathlib.Path, *, max_to_keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False)
+        self.directory = (workdir / CHECKPOINT_DIR).resolve()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """Return the step of the newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Write `state` (a pytree of arrays) and `meta` (JSON data) as the checkpoint of `step`."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Read the checkpoint of `step` into the structure of `abstract_state` (shape/dtype/sharding leaves)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        return restored.state, restored.meta
+
+    def close(self) -> None:
+        """Finish pending writes and release the manager."""
+        self.manager.close()
+
+
+def restore_params(workdir: str | pathlib.Path, abstract_state: Any, *, step: int | None = None) -> tuple[Any, int]:
+    """Read a run's training state for inference, from the newest checkpoint unless `step` is given."""
+    store = CheckpointStore(pathlib.Path(workdir), max_to_keep=1_000_000)
+    try:
+        step = store.latest_step() if step is None else step
+        if step is None:
+            raise RunFolderError(f"run folder {workdir} has no complete checkpoint under {store.directory}")
+        state, _ = store.restore(step, abstract_state)
+    finally:
+        store.close()
+    return state, step
+
+
+def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Drop metric lines written after `last_step`, so a resumed run appends after its checkpoint."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if line.strip() and json.loads(line).get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+
+
+def abstract_like(tree: Any) -> Any:
+    """Return a tree of jax.ShapeDtypeStruct (with sharding) matching `tree`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -1,0 +1,274 @@
+"""Job configs: small frozen dataclasses, one per concern, loaded from Python files in `configs/`.
+
+A config file defines `get_config(arg=None)` and returns a `Config`. `load_config` finds the file (a bare
+name is looked up in `configs/`), applies `key=value` overrides and returns the result, which is frozen:
+every later change goes through `apply_overrides`, and every key is checked against the dataclass fields,
+so a typo fails with the nearest valid key instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import pathlib
+import typing
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """An invalid config file, key or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The data set and how it is batched."""
+
+    name: str = "digits"
+    image_size: int = 16
+    data_dir: str = "data/tfds"
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise schedule and the training objective of a diffusion model."""
+
+    schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    rescale_zero_terminal_snr: bool = False
+    prediction_type: str = "epsilon"
+    min_snr_gamma: float | None = None
+    # Fraction of training labels replaced by the learned null class, for classifier-free guidance.
+    cond_drop_prob: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay, gradient clipping and an EMA of the weights."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    decay_steps: int | None = None
+    end_learning_rate_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip_norm: float = 1.0
+    # The EMA decay is min(ema_decay, (1 + n) / (10 + n)) at update n, so early averages follow the weights.
+    ema_decay: float = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """The sampler used for the sample grids written during training and by `jaxgen.sample`."""
+
+    sampler: str = "ddim"
+    num_steps: int = 50
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    spacing: str = "leading"
+    samples_per_class: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, intervals and where the run is written."""
+
+    num_steps: int = 2000
+    log_every: int = 50
+    checkpoint_every: int = 500
+    sample_every: int = 1000
+    eval_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    workdir: str = "runs/ddpm_digits"
+    # Split each batch over this many XLA host devices; XLA runs convolutions on one thread per device on CPU.
+    host_devices: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole job: the task, its model and every setting the training loop reads."""
+
+    task: str = "diffusion"
+    model: Any = None
+    data: DataConfig = DataConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    optim: OptimConfig = OptimConfig()
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def resolve_config_path(name: str) -> pathlib.Path:
+    """Return the config file for `name`: a path as given, else a file of that name in `configs/`."""
+    path = pathlib.Path(name)
+    if path.is_file():
+        return path
+    candidates = [CONFIG_DIR / name, CONFIG_DIR / f"{name}.py"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.name for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+    raise ConfigError(
+        f"config file {name!r} not found, neither as a path nor in {CONFIG_DIR}; "
+        f"available configs: {', '.join(available)}"
+    )
+
+
+def load_config(name: str, overrides: typing.Sequence[str] = (), arg: str | None = None) -> Config:
+    """Load a config file, call its `get_config(arg)` and apply `key=value` overrides."""
+    path = resolve_config_path(name)
+    spec = importlib.util.spec_from_file_location(f"jaxgen_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config(); add `def get_config(arg=None)`")
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, expected jaxgen.config.Config")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Return `config` with each `dotted.key=value` override applied; values are Python literals."""
+    for override in overrides:
+        key, sep, raw_value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} is not of the form key=value, e.g. optim.learning_rate=3e-4")
+        config = _set_path(config, key.strip().split("."), _parse_value(raw_value.strip()), key.strip())
+    return config
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        # A bare word such as `ddim` or a path is taken as a string.
+        return raw
+
+
+def _set_path(node: Any, parts: list[str], value: Any, full_key: str) -> Any:
+    if not dataclasses.is_dataclass(node):
+        raise ConfigError(f"cannot set {full_key!r}: {type(node).__name__} has no fields")
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    name = parts[0]
+    if name not in fields:
+        raise ConfigError(_unknown_key_message(full_key, name, list(fields)))
+    if len(parts) == 1:
+        current = getattr(node, name)
+        return dataclasses.replace(node, **{name: _coerce(value, current, fields[name], full_key)})
+    return dataclasses.replace(node, **{name: _set_path(getattr(node, name), parts[1:], value, full_key)})
+
+
+def _unknown_key_message(full_key: str, name: str, valid: list[str]) -> str:
+    nearest = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    return f"unknown config key {full_key!r}: {name!r} is not one of {sorted(valid)}{hint}"
+
+
+def _coerce(value: Any, current: Any, field: dataclasses.Field, full_key: str) -> Any:
+    """Convert an override value to the type of the field it replaces, or raise naming both types."""
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"{full_key!r} is a section; set one of its fields, e.g. {full_key}.<field>=value")
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(current, str) and isinstance(value, str):
+        return value
+    elif isinstance(current, tuple) and isinstance(value, (tuple, list)):
+        return tuple(value)
+    elif isinstance(value, type(current)):
+        return value
+    raise ConfigError(
+        f"invalid value {value!r} for {full_key!r}: expected {type(current).__name__} like {current!r}"
+    )
+
+
+def config_to_dict(config: Any) -> Any:
+    """Convert a config (nested dataclasses) to JSON-ready data, recording each dataclass's type."""
+    if dataclasses.is_dataclass(config):
+        out = {"__type__": f"{type(config).__module__}.{type(config).__qualname__}"}
+        for field in dataclasses.fields(config):
+            out[field.name] = config_to_dict(getattr(config, field.name))
+        return out
+    if isinstance(config, tuple):
+        return [config_to_dict(v) for v in config]
+    return config
+
+
+def config_from_dict(data: Any) -> Any:
+    """Rebuild a config written by `config_to_dict`."""
+    if isinstance(data, dict) and "__type__" in data:
+        module_name, _, qualname = data["__type__"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), qualname)
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name in data:
+                kwargs[field.name] = _as_tuples(config_from_dict(data[field.name]))
+        return cls(**kwargs)
+    if isinstance(data, list):
+        return [config_from_dict(v) for v in data]
+    return data
+
+
+def _as_tuples(value: Any) -> Any:
+    # JSON has no tuples, and config fields that hold sequences are tuples, so lists become tuples again.
+    if isinstance(value, list):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def save_config(config: Config, path: pathlib.Path) -> None:
+    """Write `config` as JSON to `path`."""
+    path.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+def read_config(path: pathlib.Path) -> Config:
+    """Read a config written by `save_config`."""
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def describe(config: Any, prefix: str = "") -> list[str]:
+    """List every leaf of a config as `dotted.key = value` lines."""
+    lines = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe(value, f"{prefix}{field.name}."))
+        else:
+            lines.append(f"{prefix}{field.name} = {value!r}")
+    return lines
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "OptimConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "describe",
+    "load_config",
+    "read_config",
+    "resolve_config_path",
+    "save_config",
+]

@@ -1,0 +1,68 @@
+"""Pure-JAX diffusion core: noise schedules, forward process and losses, samplers and guidance."""
+
+from jaxgen.diffusion.forward import (
+    PREDICTION_TYPES,
+    convert_prediction,
+    diffusion_loss,
+    min_snr_weight,
+    predict_eps,
+    predict_x0,
+    q_sample,
+    velocity_target,
+)
+from jaxgen.diffusion.guidance import cfg_combine, cfg_model_fn, classifier_guided_model_fn, drop_condition
+from jaxgen.diffusion.samplers import (
+    SAMPLERS,
+    DPMSolverHistory,
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    dpmpp_2m_init,
+    dpmpp_2m_sample,
+    dpmpp_2m_step,
+    make_dpm_solver_grid,
+    make_timesteps,
+    sample,
+    sampler_options,
+)
+from jaxgen.diffusion.schedules import (
+    SCHEDULE_KINDS,
+    NoiseSchedule,
+    make_schedule,
+    rescale_betas_zero_terminal_snr,
+)
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "SCHEDULE_KINDS",
+    "DPMSolverHistory",
+    "NoiseSchedule",
+    "cfg_combine",
+    "cfg_model_fn",
+    "classifier_guided_model_fn",
+    "convert_prediction",
+    "ddim_invert",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "ddpm_step",
+    "diffusion_loss",
+    "dpmpp_2m_init",
+    "dpmpp_2m_sample",
+    "dpmpp_2m_step",
+    "drop_condition",
+    "make_dpm_solver_grid",
+    "make_schedule",
+    "make_timesteps",
+    "min_snr_weight",
+    "predict_eps",
+    "predict_x0",
+    "q_sample",
+    "rescale_betas_zero_terminal_snr",
+    "sample",
+    "sampler_options",
+    "velocity_target",
+]

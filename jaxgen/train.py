@@ -1,0 +1,60 @@
+"""Train a model from a config file: `python -m jaxgen.train --cfg ddpm_digits [--set key=value ...]`.
+
+A bare config name is looked up in `configs/`. Rerunning the same command resumes from the newest checkpoint
+in the run folder (`train.workdir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jaxgen import config as config_lib
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of `jaxgen.train`."""
+    parser = argparse.ArgumentParser(prog="python -m jaxgen.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg", required=True, help="config file, or the name of a file in configs/")
+    parser.add_argument("--cfg-arg", default=None, help="argument passed to the config's get_config(arg)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.learning_rate=3e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def configure_host_devices(count: int) -> None:
+    """Ask XLA for `count` CPU devices; must run before JAX initialises its backends."""
+    if count > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `jaxgen.train` and return the process exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_lib.load_config(args.cfg, args.overrides, arg=args.cfg_arg)
+    except config_lib.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print("\n".join(config_lib.describe(config)))
+        return 0
+    configure_host_devices(config.train.host_devices)
+
+    from jaxgen import checkpoint, trainer  # imported here so that XLA_FLAGS is set before JAX starts
+
+    try:
+        trainer.train(config)
+    except (trainer.NonFiniteLossError, checkpoint.RunFolderError) as error:
+        logging.getLogger("jaxgen.train").error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The training loop shared by every task: data, jitted train step, EMA, checkpoints, metrics and samples.
+
+The train step is a pure function of (TrainState, batch, key) compiled once. The loop keeps losses on the
+device and reads them only every `log_every` steps and before each checkpoint, so the host never waits for
+the device just to print. Before a checkpoint is written, every pending loss is checked: a NaN or inf stops
+the run, names the step and leaves the last good checkpoint as the newest one.
+
+Determinism across restarts: the step key is `fold_in(PRNGKey(seed), step)` and the loader position is
+saved with each checkpoint, so a resumed run draws the same batches and keys as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxgen import checkpoint as ckpt
+from jaxgen import config as config_lib
+from jaxgen import tasks as tasks_lib
+from jaxgen.data import BatchLoader, load_digits_split
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; checkpointed as one pytree."""
+
+    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    params: nnx.State
+    ema_params: nnx.State
+    opt_state: optax.OptState
+
+
+def make_optimizer(optim: config_lib.OptimConfig, num_steps: int) -> optax.GradientTransformation:
+    """Build AdamW with linear warm-up, cosine decay and global-norm gradient clipping."""
+    decay_steps = optim.decay_steps or num_steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.learning_rate,
+        warmup_steps=optim.warmup_steps,
+        decay_steps=max(decay_steps, optim.warmup_steps + 1),
+        end_value=optim.learning_rate * optim.end_learning_rate_fraction,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip_norm),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay),
+    )
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+    """Return the EMA decay for update `step`: min(max_decay, (1 + n) / (10 + n))."""
+    n = step.astype(jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(task: tasks_lib.Task, graphdef: nnx.GraphDef, rest: nnx.State,
+                    tx: optax.GradientTransformation, max_ema_decay: float):
+    """Build the pure train step (state, batch, key) -> (state, metrics)."""
+
+    def loss_of_params(params, batch, key):
+        model = nnx.merge(graphdef, params, rest)
+        return task.loss_fn(model, batch, key)
+
+    def train_step(state: TrainState, batch, key):
+        grads, metrics = jax.grad(loss_of_params, has_aux=True)(state.params, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step, max_ema_decay)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_mesh(num_devices: int) -> jax.sharding.Mesh:
+    """Return a one-axis ('data') mesh over the first `num_devices` devices."""
+    available = len(jax.devices())
+    num_devices = max(1, min(num_devices, available))
+    return jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:num_devices])
+
+
+def load_data(config: config_lib.Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Load the train and held-out splits a config names."""
+    if config.data.name != "digits":
+        raise ValueError(f"unknown data set {config.data.name!r}; the available one is 'digits'")
+    train = load_digits_split(config.data.data_dir, "train", image_size=config.data.image_size)
+    test = load_digits_split(config.data.data_dir, "test", image_size=config.data.image_size)
+    return {"image": train[0], "label": train[1]}, {"image": test[0], "label": test[1]}
+
+
+class MetricsWriter:
+    """Append metric records as JSON lines to `metrics.jsonl`."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(config: config_lib.Config) -> pathlib.Path:
+    """Train the job `config` describes, resuming from the newest checkpoint in its run folder."""
+    t = config.train
+    workdir = pathlib.Path(t.workdir)
+    ckpt.check_run_folder(workdir, config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_lib.save_config(config, workdir / ckpt.CONFIG_FILE)
+
+    train_data, held_out = load_data(config)
+    task = tasks_lib.make_task(config, held_out)
+    model = task.build_model(nnx.Rngs(t.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    logger.info("task %s: %s parameters", config.task, f"{tasks_lib.model_summary(model)['parameters']:,}")
+
+    mesh = make_mesh(t.host_devices)
+    if config.data.batch_size % mesh.size:
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} does not split over {mesh.size} devices; "
+            f"choose a multiple of {mesh.size} or set train.host_devices=1"
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    tx = make_optimizer(config.optim, t.num_steps)
+    state = TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params))
+    state = jax.device_put(state, replicated)
+
+    loader = BatchLoader(train_data, config.data.batch_size, seed=config.data.seed)
+    store = ckpt.CheckpointStore(workdir, max_to_keep=t.keep_checkpoints)
+    metrics_path = workdir / "metrics.jsonl"
+    start = store.latest_step()
+    if start is not None:
+        state, meta = store.restore(start, ckpt.abstract_like(state))
+        loader.restore(meta["loader"])
+        ckpt.truncate_metrics(metrics_path, start)
+        logger.info("resumed from the checkpoint of step %d in %s", start, store.directory)
+    else:
+        start = 0
+        metrics_path.unlink(missing_ok=True)
+    metrics_out = MetricsWriter(metrics_path)
+
+    train_step = jax.jit(make_train_step(task, graphdef, rest, tx, config.optim.ema_decay), donate_argnums=0)
+    base_key = jax.random.PRNGKey(t.seed)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_checkpoint = start if start else None
+    progress = tqdm(total=t.num_steps, initial=start, desc=f"train {config.task}", unit="step",
+                    dynamic_ncols=True, mininterval=1.0)
+    window_start, window_steps = time.perf_counter(), 0
+
+    def flush() -> dict[str, float]:
+        """Read the pending metrics from the device, check them and write their mean."""
+        nonlocal window_start, window_steps
+        if not pending:
+            return {}
+        host = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+        pending.clear()
+        for step, record in host:
+            if not math.isfinite(record["loss"]):
+                kept = (f"the newest checkpoint is step {last_checkpoint} in {store.directory}"
+                        if last_checkpoint is not None else "no checkpoint was written yet")
+                raise NonFiniteLossError(
+                    f"training loss became {record['loss']} at step {step}; stopped without saving, and {kept}. "
+                    "Lower optim.learning_rate or optim.grad_clip_norm, then rerun the same command to resume"
+                )
+        elapsed = time.perf_counter() - window_start
+        mean = {k: float(np.mean([r[k] for _, r in host])) for k in host[0][1]}
+        record = {"step": host[-1][0], **mean, "steps_per_s": window_steps / max(elapsed, 1e-9)}
+        metrics_out.write(record)
+        progress.set_postfix(loss=f"{mean['loss']:.4f}", steps_per_s=f"{record['steps_per_s']:.2f}")
+        window_start, window_steps = time.perf_counter(), 0
+        return record
+
+    def save(step: int) -> None:
+        nonlocal last_checkpoint
+        flush()
+        store.save(step, state, {"loader": loader.state(), "step": step})
+        last_checkpoint = step
+
+    try:
+        for step in range(start, t.num_steps):
+            batch = {k: jax.device_put(v, batch_sharding) for k, v in next(loader).items()}
+            step_started = time.perf_counter()
+            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+            if step == start:
+                jax.block_until_ready(metrics)
+                logger.info("compiled and ran the first train step in %.1f s", time.perf_counter() - step_started)
+                window_start = time.perf_counter()
+            else:
+                window_steps += 1
+            pending.append((step + 1, metrics))
+            progress.update(1)
+            done = step + 1
+            if done % t.log_every == 0:
+                flush()
+            if done % t.checkpoint_every == 0 and done < t.num_steps:
+                save(done)
+            if t.eval_every and done % t.eval_every == 0:
+                _evaluate(task, graphdef, rest, state, done, metrics_out)
+            if t.sample_every and done % t.sample_every == 0:
+                _write_samples(task, graphdef, rest, state, done, workdir)
+        if start < t.num_steps:
+            done = t.num_steps
+            save(done)
+            if not (t.eval_every and done % t.eval_every == 0):
+                _evaluate(task, graphdef, rest, state, done, metrics_out)
+            if not (t.sample_every and done % t.sample_every == 0):
+                _write_samples(task, graphdef, rest, state, done, workdir)
+    finally:
+        progress.close()
+        store.close()
+    logger.info("run folder: %s (metrics.jsonl, checkpoints/, samples/)", workdir)
+    return workdir
+
+
+def _evaluate(task, graphdef, rest, state, step, metrics_out) -> None:
+    model = nnx.merge(graphdef, state.ema_params, rest)
+    metrics = task.evaluate(model)
+    if metrics:
+        metrics_out.write({"step": step, **metrics})
+        logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def _write_samples(task, graphdef, rest, state, step, workdir) -> None:
+    path = task.write_samples(graphdef, rest, state.ema_params, step, workdir)
+    if path is not None:
+        logger.info("step %d: wrote samples to %s", step, path)
+
+
+def build_inference_model(config: config_lib.Config, workdir: str | pathlib.Path, *, use_ema: bool = True,
+                          step: int | None = None) -> tuple[nnx.GraphDef, nnx.State, nnx.State, int]:
+    """Restore a trained model from a run folder: returns (graphdef, params, rest, step)."""
+    held_out_stub = {"image": np.zeros((1, config.data.image_size, config.data.image_size, 1), np.float32),
+                     "label": np.zeros((1,), np.int32)}
+    task = tasks_lib.make_task(config, held_out_stub)
+    model = task.build_model(nnx.Rngs(config.train.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(config.optim, config.train.num_steps)
+    abstract = jax.eval_shape(
+        lambda: TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params))
+    )
+    state, restored_step = ckpt.restore_params(workdir, abstract, step=step)
+    return graphdef, (state.ema_params if use_ema else state.params), rest, restored_step
+
+
+__all__ = ["NonFiniteLossError", "TrainState", "build_inference_model", "make_optimizer", "train"]
