@@ -38,7 +38,9 @@ def get_config(arg=None):
 
         config = dataclasses.replace(
             config,
-            model=dataclasses.replace(model, block_out_channels=(8, 16, 16), cross_attention_dim=16,
+            model=dataclasses.replace(model, block_out_channels=(8, 16), cross_attention_dim=16,
+                                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                       attention_head_dim=8, norm_num_groups=4),
             data=dataclasses.replace(config.data, batch_size=16),
             optim=dataclasses.replace(config.optim, warmup_steps=2),

@@ -139,13 +139,32 @@ def load_config(name: str, overrides: typing.Sequence[str] = (), arg: str | None
 
 
 def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Return `config` with each `dotted.key=value` override applied; values are Python literals."""
+    """Return `config` with each `dotted.key=value` override applied; values are Python literals.
+
+    All overrides of one section are applied together, so fields that are checked against each other
+    (such as a U-Net's block types and channel counts) can change in one command.
+    """
+    changes = _Section()
     for override in overrides:
         key, sep, raw_value = override.partition("=")
-        if not sep:
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {override!r} is not of the form key=value, e.g. optim.learning_rate=3e-4")
-        config = _set_path(config, key.strip().split("."), _parse_value(raw_value.strip()), key.strip())
-    return config
+        node = changes
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, _Section())
+            if not isinstance(node, _Section):
+                raise ConfigError(f"override {key!r} sets a field inside {'.'.join(parts[:depth + 1])!r}, "
+                                  "which another override sets as a whole")
+        if parts[-1] in node:
+            raise ConfigError(f"config key {key!r} is set twice; keep one --set {key}=...")
+        node[parts[-1]] = _parse_value(raw_value.strip())
+    return _apply_section(config, changes, "") if changes else config
+
+
+class _Section(dict):
+    """Overrides of the fields of one config dataclass, keyed by field name."""
 
 
 def _parse_value(raw: str) -> Any:
@@ -156,17 +175,27 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _set_path(node: Any, parts: list[str], value: Any, full_key: str) -> Any:
+def _apply_section(node: Any, changes: _Section, prefix: str) -> Any:
     if not dataclasses.is_dataclass(node):
-        raise ConfigError(f"cannot set {full_key!r}: {type(node).__name__} has no fields")
+        raise ConfigError(f"cannot set fields of {prefix.rstrip('.')!r}: {type(node).__name__} has no fields")
     fields = {f.name: f for f in dataclasses.fields(node)}
-    name = parts[0]
-    if name not in fields:
-        raise ConfigError(_unknown_key_message(full_key, name, list(fields)))
-    if len(parts) == 1:
+    updates = {}
+    for name, change in changes.items():
+        full_key = prefix + name
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(full_key, name, list(fields)))
         current = getattr(node, name)
-        return dataclasses.replace(node, **{name: _coerce(value, current, fields[name], full_key)})
-    return dataclasses.replace(node, **{name: _set_path(getattr(node, name), parts[1:], value, full_key)})
+        if isinstance(change, _Section):
+            updates[name] = _apply_section(current, change, full_key + ".")
+        else:
+            updates[name] = _coerce(change, current, full_key)
+    try:
+        return dataclasses.replace(node, **updates)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        section = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"invalid override of {section}: {error}") from error
 
 
 def _unknown_key_message(full_key: str, name: str, valid: list[str]) -> str:
@@ -175,7 +204,7 @@ def _unknown_key_message(full_key: str, name: str, valid: list[str]) -> str:
     return f"unknown config key {full_key!r}: {name!r} is not one of {sorted(valid)}{hint}"
 
 
-def _coerce(value: Any, current: Any, field: dataclasses.Field, full_key: str) -> Any:
+def _coerce(value: Any, current: Any, full_key: str) -> Any:
     """Convert an override value to the type of the field it replaces, or raise naming both types."""
     if dataclasses.is_dataclass(current):
         raise ConfigError(f"{full_key!r} is a section; set one of its fields, e.g. {full_key}.<field>=value")
@@ -187,6 +216,8 @@ def _coerce(value: Any, current: Any, field: dataclasses.Field, full_key: str) -
     elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(current, float) and isinstance(value, str) and value.lower() in ("nan", "inf", "-inf"):
         return float(value)
     elif isinstance(current, str) and isinstance(value, str):
         return value

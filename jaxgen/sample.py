@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     num_classes = config.model.num_class_embeds - 1
-    labels = _parse_labels(args.labels, num_classes, args.per_class)
+    try:
+        labels = _parse_labels(args.labels, num_classes, args.per_class)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     sample_config = SampleConfig(sampler=args.sampler, num_steps=args.steps, eta=args.eta, spacing=args.spacing,
                                  guidance_scale=args.guidance)
     schedule = sampling.schedule_from_config(config)
@@ -101,10 +105,10 @@ def _parse_labels(text: str | None, num_classes: int, per_class: int) -> np.ndar
     try:
         labels = np.array([int(v) for v in text.split(",")], dtype=np.int32)
     except ValueError:
-        raise SystemExit(f"error: --labels {text!r} is not a comma-separated list of integers") from None
+        raise ValueError(f"--labels {text!r} is not a comma-separated list of integers, e.g. 3,3,7") from None
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-        raise SystemExit(f"error: label {int(bad[0])} is outside the model's classes 0..{num_classes - 1}")
+        raise ValueError(f"label {int(bad[0])} is outside the model's classes 0..{num_classes - 1}")
     return labels
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run `jaxgen.train` and return the process exit code."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax and TFDS log every file operation at INFO through absl; keep their warnings and errors only.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         config = config_lib.load_config(args.cfg, args.overrides, arg=args.cfg_arg)
     except config_lib.ConfigError as error:

@@ -51,9 +51,14 @@ def test_derived_quantities(kind):
     betas = np.asarray(schedule.betas, dtype=np.float64)
     alphas_cumprod = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
     np.testing.assert_allclose(np.asarray(schedule.alphas), 1.0 - betas, rtol=0, atol=SCHEDULE_ATOL)
-    np.testing.assert_allclose(alphas_cumprod, np.cumprod(1.0 - betas), rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL)
     np.testing.assert_allclose(
-        np.asarray(schedule.sqrt_alphas_cumprod), np.sqrt(alphas_cumprod), rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL
+        alphas_cumprod, np.cumprod(1.0 - betas), rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL
+    )
+    np.testing.assert_allclose(
+        np.asarray(schedule.sqrt_alphas_cumprod),
+        np.sqrt(alphas_cumprod),
+        rtol=SCHEDULE_RTOL,
+        atol=SCHEDULE_ATOL,
     )
     np.testing.assert_allclose(
         np.asarray(schedule.sqrt_one_minus_alphas_cumprod),
@@ -96,7 +101,11 @@ def test_zero_terminal_snr(kind):
 def test_matches_diffusers(kind, rescale):
     beta_start, beta_end = (0.00085, 0.012) if kind == "scaled_linear" else (1e-4, 0.02)
     schedule = make_schedule(
-        kind, num_train_timesteps=1000, beta_start=beta_start, beta_end=beta_end, rescale_zero_terminal_snr=rescale
+        kind,
+        num_train_timesteps=1000,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        rescale_zero_terminal_snr=rescale,
     )
     reference = DDPMScheduler(
         num_train_timesteps=1000,

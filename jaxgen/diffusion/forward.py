@@ -2,7 +2,8 @@
 
 Shapes: B is the batch size; x_0, x_t and noise are [B, ...] (images [B, H, W, C]); t is int32 [B].
 Symbols: alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t) (see schedules.py), so
-x_t = alpha_t * x_0 + sigma_t * eps and the velocity (Salimans & Ho 2022) is v = alpha_t * eps - sigma_t * x_0.
+x_t = alpha_t * x_0 + sigma_t * eps, and the velocity (Salimans & Ho 2022) is
+v = alpha_t * eps - sigma_t * x_0.
 A model predicts one of eps ("epsilon"), v ("v_prediction") or x_0 ("sample").
 """
 
@@ -65,7 +66,7 @@ def _alpha_sigma_like(schedule: NoiseSchedule, t: jax.Array, x: jax.Array) -> tu
 
 
 def q_sample(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """Sample x_t ~ q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) with the given noise (Ho et al. 2020, eq. 4)."""
+    """Sample x_t ~ q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) with the given noise (Ho et al. 2020)."""
     alpha, sigma = _alpha_sigma_like(schedule, t, x0)
     return alpha * x0 + sigma * noise
 

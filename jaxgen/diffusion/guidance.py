@@ -3,9 +3,9 @@
 The wrappers keep the sampler contract ``model_fn(x_t, t, cond) -> model_output`` (x_t [B, ...],
 t int32 [B]), so a guided model function goes into any sampler in samplers.py.
 
-Sources: classifier-free guidance, Ho & Salimans 2022, "Classifier-Free Diffusion Guidance";
-classifier guidance, Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis",
-Algorithm 2 (the eps form eps - s * sigma_t * grad log p(y | x_t)).
+Sources: classifier-free guidance, Ho & Salimans 2022, "Classifier-Free Diffusion Guidance".
+Classifier guidance, Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", in
+its eps form eps - s * sigma_t * grad log p(y | x_t), which any sampler can use.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def cfg_model_fn(model_fn: ModelFn, guidance_scale: float | jax.Array, null_cond
 
     The returned function concatenates (x_t, t, cond) with (x_t, t, null_cond) along the batch axis,
     calls model_fn once on the 2B batch and returns cfg_combine(out_cond, out_uncond, guidance_scale).
-    null_cond has cond's pytree structure; each leaf is broadcast to the matching cond leaf's shape,
-    so a scalar null label or a single null embedding serves the whole batch. guidance_scale may be
-    a traced scalar or a per-example [B] array.
+    null_cond has cond's pytree structure. Each of its leaves is broadcast to the matching cond
+    leaf's shape, so one scalar null label or one null embedding serves the whole batch.
+    guidance_scale may be a traced scalar or a per-example [B] array.
     """
 
     def guided(x_t: jax.Array, t: jax.Array, cond: Any) -> jax.Array:
@@ -62,7 +62,9 @@ def cfg_model_fn(model_fn: ModelFn, guidance_scale: float | jax.Array, null_cond
     return guided
 
 
-def drop_condition(key: jax.Array, labels: jax.Array, null_label: Any, drop_prob: float | jax.Array) -> jax.Array:
+def drop_condition(
+    key: jax.Array, labels: jax.Array, null_label: Any, drop_prob: float | jax.Array
+) -> jax.Array:
     """Replace each example's label by null_label with probability drop_prob (classifier-free training).
 
     labels is [B] or [B, ...] (for example class ids or embeddings); one Bernoulli draw per example

@@ -1,13 +1,15 @@
 """Reverse-process samplers for discrete-time diffusion models, each one XLA program.
 
-Sampler contract: every sampler takes ``model_fn(x_t, t, cond) -> model_output`` where x_t is
-[B, ...], t is int32 [B] and the output is in the sampler's ``prediction_type``; the schedule (a
-pytree, so it is traced and its values can change without recompiling); x_T; a PRNG key; and the
-condition, which is passed to model_fn unchanged. Options such as num_steps and spacing are static
-Python values. The loop is one ``lax.scan`` over precomputed timesteps, so a sampler can be jitted
-whole, e.g. ``jax.jit(functools.partial(ddim_sample, model_fn, schedule, num_steps=50))(x_T, key, cond)``.
-The noise of step i is ``jax.random.normal(jax.random.fold_in(key, i), x_T.shape, jnp.float32)``.
-The loop state is float32 (or wider) and the result is cast back to x_T's dtype.
+Sampler contract: every sampler takes ``model_fn(x_t, t, cond) -> model_output``, where x_t is
+[B, ...], t is int32 [B] and the output is in the sampler's ``prediction_type``. It also takes the
+schedule, x_T, a PRNG key and the condition, which goes to model_fn unchanged. The schedule is a
+pytree, so it is traced and its values can change without recompiling. Options such as num_steps
+and spacing are static Python values. The loop is one ``lax.scan`` over precomputed timesteps, so
+a sampler can be jitted whole, for example
+``jax.jit(functools.partial(ddim_sample, model_fn, schedule, num_steps=50))(x_T, key, cond)``.
+The loop state is float32 (float64 for float64 input) and the result is cast back to x_T's dtype.
+Samplers that add noise draw step i's noise as ``jax.random.normal(jax.random.fold_in(key, i),
+x_T.shape, state_dtype)``.
 
 Shapes and symbols:
   B        batch size; x has shape [B, ...], images [B, H, W, C].
@@ -25,7 +27,7 @@ Solvers:
   DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", multistep second order, midpoint form.
   Karras sigmas: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
-    Models", eq. 5 with rho = 7.
+    Models", noise levels evenly spaced in sigma^(1 / rho) with rho = 7.
 
 The step functions reproduce diffusers 0.42's DDPMScheduler.step, DDIMScheduler.step and
 DPMSolverMultistepScheduler.step (algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
@@ -52,7 +54,7 @@ TIMESTEP_CONVENTIONS = ("ddim", "dpm_solver")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
-# Exponent rho of the Karras et al. 2022 noise levels (their eq. 5).
+# Exponent rho of the Karras et al. 2022 noise levels.
 _KARRAS_RHO = 7.0
 # Smallest variance of the DDPM posterior, as in diffusers, so that sqrt stays differentiable at t == 0.
 _MIN_POSTERIOR_VARIANCE = 1e-20
@@ -81,14 +83,19 @@ def make_timesteps(
 ) -> np.ndarray:
     """Choose the N sampling timesteps out of [0, T), in decreasing order, as int32 [N].
 
-    Spacings (Lin et al. 2023, Table 2): "leading" takes multiples of T // N starting at 0, shifted by
-    steps_offset; "trailing" counts down from T - 1 in strides of T / N; "linspace" rounds N evenly
-    spaced points of [0, T - 1].
+    Spacings (Lin et al. 2023, Table 2):
+      "leading": multiples of T // N starting at 0, shifted by steps_offset.
+      "trailing": counts down from T - 1 in strides of T / N.
+      "linspace": N evenly spaced points of [0, T - 1], rounded.
+    As in diffusers, steps_offset shifts only the "leading" grid.
 
     convention="ddim" matches diffusers' DDIMScheduler and DDPMScheduler.set_timesteps. With
     convention="dpm_solver" it matches DPMSolverMultistepScheduler.set_timesteps instead, which places
     N + 1 points for "leading" and "linspace" and drops the one at t == 0, because DPM-Solver's last
     step goes to the final noise level on its own.
+
+    NOTE: for "trailing" and some N (61, 103, 122, ... with T = 1000) diffusers 0.42 returns N + 1
+    timesteps ending in -1, from rounding in np.arange; this function always returns N.
 
     Raises:
       ValueError: num_steps is below 1 or above num_train_timesteps, a name is unknown, or the grid
@@ -190,7 +197,7 @@ def ddpm_step(
     clip_sample: bool = False,
     variance_type: str = "fixed_small",
 ) -> tuple[jax.Array, jax.Array]:
-    """Take one ancestral DDPM step x_t -> x_{t_prev} (Ho et al. 2020, eqs. 6-7).
+    """Take one ancestral DDPM step x_t -> x_{t_prev}, sampling the posterior q(x_{t_prev} | x_t, x0).
 
     t and t_prev are scalars or [B]; t_prev == -1 ends the chain (alpha_bar = 1). With t_prev < t - 1
     (a shortened chain) the step uses the effective beta 1 - ab_t / ab_prev, as diffusers does.
@@ -309,7 +316,7 @@ def ddim_step(
     clip_sample: bool = False,
     set_alpha_to_one: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Take one DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12).
+    """Take one DDIM step x_t -> x_{t_prev} (Song et al. 2021).
 
     t and t_prev are scalars or [B]; t_prev < 0 ends the chain at alpha_bar = 1 (set_alpha_to_one) or
     at alpha_bar_0. eta scales the noise: 0 is the deterministic DDIM ODE, 1 the DDPM posterior
@@ -422,10 +429,11 @@ def ddim_invert(
     """Map x_0 to x_T by running the deterministic DDIM ODE (eta = 0) forward in time.
 
     The grid is ddim_sample's, in increasing order, so ddim_sample with the same options maps the
-    result back to about x0. Each step goes from level s (the previous grid timestep, or alpha_bar =
-    1 / alpha_bar_0 before the first) to grid timestep t and evaluates the model at (x_s, t), because
-    x_t is not known yet; diffusers' DDIMInverseScheduler makes the same approximation. The
-    round trip is therefore exact only in the limit of small steps.
+    result back to about x0. Each step goes from level s to grid timestep t, where s is the previous
+    grid timestep, and before the first step alpha_bar = 1 (or alpha_bar_0 when set_alpha_to_one is
+    False). The model is evaluated at (x_s, t) because x_t is not known yet, the same approximation
+    as diffusers' DDIMInverseScheduler. The round trip is therefore exact only in the limit of
+    small steps.
     """
     check_prediction_type(prediction_type)
     timesteps = make_timesteps(schedule.num_train_timesteps, num_steps, spacing, steps_offset)[::-1].copy()
@@ -486,7 +494,7 @@ def dpmpp_2m_step(
     prediction_type: str = "epsilon",
     lower_order: bool | jax.Array = False,
 ) -> tuple[jax.Array, DPMSolverHistory]:
-    """Take one DPM-Solver++(2M) step from noise level sigma to sigma_next (Lu et al. 2022, Algorithm 2).
+    """Take one DPM-Solver++(2M) step from noise level sigma to sigma_next (Lu et al. 2022).
 
     sigma and sigma_next are scalar variance-exploding levels (see make_dpm_solver_grid). The first
     step (empty history), a step with lower_order=True and a step to sigma_next == 0 are first order
@@ -551,9 +559,9 @@ def make_dpm_solver_grid(
     Matches diffusers' DPMSolverMultistepScheduler.set_timesteps. Without Karras sigmas, the
     timesteps come from make_timesteps(..., convention="dpm_solver") and sigma_i is the schedule's
     sqrt((1 - ab_t) / ab_t) at them. With Karras sigmas, N levels are spaced evenly in sigma^(1/7)
-    between the schedule's smallest and largest sigma (spacing and steps_offset are then unused), and
-    the model sees each level's timestep rounded to the nearest integer. The last sigma is 0 ("zero")
-    or the schedule's smallest sigma ("sigma_min").
+    between the schedule's smallest and largest sigma, and spacing and steps_offset are unused. The
+    model is then called with each level's timestep, rounded to the nearest integer. The last sigma
+    is 0 ("zero") or the schedule's smallest sigma ("sigma_min").
 
     The Karras grid depends on the schedule's values, so it is computed in JAX (and traced under jit).
     An alpha_bar of exactly 0 (zero terminal SNR) is replaced by 2**-24, as diffusers does.

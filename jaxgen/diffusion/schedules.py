@@ -22,7 +22,8 @@ SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 # Largest beta of the cosine schedule (Nichol & Dhariwal 2021), which keeps alpha_t away from zero.
 _COSINE_MAX_BETA = 0.999
-# Offset s of the cosine schedule (Nichol & Dhariwal 2021), which keeps beta_0 from being too small.
+# Offset s of the cosine schedule (Nichol & Dhariwal 2021). Without it the first betas would be near
+# (pi / 2T)^2, about 2.5e-6 for T = 1000.
 _COSINE_OFFSET = 0.008
 
 
@@ -82,7 +83,7 @@ def rescale_betas_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas so that alpha_bar_{T-1} == 0 while alpha_bar_0 is kept (Lin et al. 2023, Algorithm 1).
 
     sqrt(alpha_bar) is shifted so that its last value is 0 and scaled so that its first value is
-    unchanged; the betas are then recovered from the new cumulative product. Works in float64.
+    unchanged. The betas are then recovered from the new cumulative product, in float64.
     """
     betas = np.asarray(betas, dtype=np.float64)
     alphas_cumprod = np.cumprod(1.0 - betas)

@@ -25,7 +25,7 @@ from flax import nnx
 class DigitClassifierConfig:
     """Hyperparameters of `DigitClassifier`.
 
-    `channels` lists the width of each resolution level; every level after the first halves H
+    `channels` lists the width of each resolution level. Every level after the first halves H
     and W with a stride-2 convolution, so `image_size` must be divisible by
     2 ** (len(channels) - 1). Each width must be divisible by `norm_groups`.
     """
@@ -106,8 +106,9 @@ def _validate_backbone_config(config: DigitClassifierConfig | NoisyClassifierCon
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Embed timesteps [B] as [B, dim] sinusoids: cosines first, then sines.
 
-    Frequencies fall geometrically from 1 to 1 / max_period, as in the Transformer position
-    encoding and the DDPM/ADM timestep embedding. `dim` must be even.
+    Frequencies fall geometrically from 1 towards 1 / max_period. This is the layout of
+    `timestep_embedding` in OpenAI's guided-diffusion and of diffusers' `get_timestep_embedding`
+    with flip_sin_to_cos=True and downscale_freq_shift=0. `dim` must be even.
     """
     half = dim // 2
     frequencies = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -170,9 +171,9 @@ class ConvBlock(nnx.Module):
 
 
 class _Backbone(nnx.Module):
-    """Convolution levels, global average pool and a feature layer; shared by both classifiers.
+    """Convolution levels, global average pool and a feature layer, shared by both classifiers.
 
-    Level i is a ConvBlock at width channels[i]; levels after the first start with a stride-2
+    Level i is a ConvBlock at width channels[i]. Levels after the first start with a stride-2
     ConvBlock that halves H and W.
     """
 
@@ -204,7 +205,11 @@ class _Backbone(nnx.Module):
 
 
 class DigitClassifier(nnx.Module):
-    """CNN that maps clean images [B, H, W, C] in [-1, 1] to class logits [B, K]."""
+    """CNN that maps clean images [B, H, W, C] in [-1, 1] to class logits [B, K].
+
+    With config.dropout > 0, dropout is active until `model.eval()` is called, as for any NNX
+    Dropout layer.
+    """
 
     def __init__(self, config: DigitClassifierConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -226,7 +231,8 @@ class NoisyClassifier(nnx.Module):
     """Noise-aware classifier p(y | x_t, t) for classifier guidance.
 
     The timestep embedding passes through a two-layer SiLU MLP, and every ConvBlock adds its
-    own linear projection of it to the convolution output before normalisation.
+    own linear projection of it to the convolution output before normalisation. Dropout
+    behaves as in `DigitClassifier`.
     """
 
     def __init__(self, config: NoisyClassifierConfig, *, rngs: nnx.Rngs):
@@ -241,6 +247,7 @@ class NoisyClassifier(nnx.Module):
     def features(self, x_t: jax.Array, t: jax.Array) -> jax.Array:
         """Compute the penultimate activations [B, F] of noisy images x_t at timesteps t [B]."""
         _validate_images(x_t, self.config, "x_t")
+        t = jnp.asarray(t)
         _validate_batch_vector(t, x_t.shape[0], "t")
         sinusoids = timestep_embedding(t, self.config.time_embed_dim, self.config.max_period)
         time_embedding = self.time_mlp_out(nnx.silu(self.time_mlp_in(sinusoids)))  # [B, E]
@@ -256,6 +263,7 @@ class NoisyClassifier(nnx.Module):
         The gradient of its sum with respect to x_t is the classifier-guidance direction.
         """
         _validate_images(x_t, self.config, "x_t")
+        y = jnp.asarray(y)
         _validate_batch_vector(y, x_t.shape[0], "y")
         log_probs = jax.nn.log_softmax(self(x_t, t), axis=-1)  # [B, K]
         return jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]

@@ -1,0 +1,143 @@
+"""Read and write diffusers model folders (config.json plus weights) for jaxgen models.
+
+A diffusers model folder, such as the unet/ subfolder of a Stable Diffusion pipeline, holds
+config.json and diffusion_pytorch_model.safetensors (or .bin, or shards listed in
+diffusion_pytorch_model.safetensors.index.json). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conversion.rules import nnx_to_torch, torch_to_nnx
+from jaxgen.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+
+__all__ = ["load_unet", "read_config", "read_state_dict", "save_unet"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def read_config(folder: str | Path, class_name: str) -> dict:
+    """Read config.json of a diffusers model folder and check that it describes `class_name`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Model folder {folder} does not exist or is not a folder; pass the folder that holds "
+            f"{CONFIG_NAME} and {WEIGHTS_STEM}.safetensors."
+        )
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        subfolders = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+        hint = f" Subfolders with a {CONFIG_NAME}: {subfolders}; pass one of them, such as {folder / 'unet'}." if subfolders else ""
+        raise FileNotFoundError(f"{config_path} not found; {folder} is not a diffusers model folder.{hint}")
+    config = json.loads(config_path.read_text())
+    found = config.get("_class_name")
+    if found != class_name:
+        raise ValueError(
+            f"{config_path} describes a {found!r}, not a {class_name!r}; pass the folder of the "
+            f"{class_name} (for a Stable Diffusion pipeline, its unet/ subfolder)."
+        )
+    return config
+
+
+def _torch_tensor_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        # numpy has no bfloat16; reinterpret the bits as ml_dtypes' bfloat16 (jnp.bfloat16).
+        return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except TypeError:
+        # safetensors' numpy reader rejects bfloat16; its flax reader returns ml_dtypes arrays.
+        with safe_open(path, framework="flax") as file:
+            return {key: np.asarray(file.get_tensor(key)) for key in file.keys()}
+
+
+def read_state_dict(folder: str | Path, *, variant: str | None = None) -> dict[str, np.ndarray]:
+    """Read the weights of a diffusers model folder as torch key -> numpy array.
+
+    Looks for, in order: {stem}.safetensors, the shards of {stem}.safetensors.index.json, and
+    {stem}.bin, where stem is diffusion_pytorch_model (plus ".{variant}" when given, such as
+    "fp16"). A .bin pickle is read with torch.load(weights_only=True), which unpickles only tensors and plain containers.
+    """
+    folder = Path(folder)
+    stem = WEIGHTS_STEM if variant is None else f"{WEIGHTS_STEM}.{variant}"
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    pickle_path = folder / f"{stem}.bin"
+    if single.is_file():
+        return _read_safetensors(single)
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state_dict: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            state_dict.update(_read_safetensors(folder / shard))
+        return state_dict
+    if pickle_path.is_file():
+        import torch
+
+        loaded = torch.load(pickle_path, map_location="cpu", weights_only=True)
+        return {key: _torch_tensor_to_numpy(value) for key, value in loaded.items()}
+    raise FileNotFoundError(
+        f"No weights in {folder}: looked for {single.name}, {index.name} and {pickle_path.name}. "
+        "Download the weights into this folder, or pass variant= for files such as "
+        f"{WEIGHTS_STEM}.fp16.safetensors."
+    )
+
+
+def load_unet(
+    folder: str | Path, *, variant: str | None = None, dtype: jnp.dtype | None = None
+) -> UNet2DConditionModel:
+    """Build a UNet2DConditionModel from a diffusers model folder.
+
+    Args:
+        folder: folder with config.json and the weights, such as a pipeline's unet/ subfolder.
+        variant: weights file variant, such as "fp16" for diffusion_pytorch_model.fp16.safetensors.
+        dtype: compute dtype passed to the model; parameters are stored as float32.
+
+    Raises:
+        FileNotFoundError: the folder, config.json or the weights are missing.
+        ValueError: config.json is not a UNet2DConditionModel config or uses unsupported options.
+        conversion.rules.CheckpointMismatchError: the weights do not match the config.
+    """
+    config = UNet2DConditionConfig.from_diffusers(read_config(folder, "UNet2DConditionModel"))
+    state_dict = read_state_dict(folder, variant=variant)
+    # eval_shape builds the module tree without drawing random weights, which would be thrown away.
+    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    return nnx.merge(graphdef, torch_to_nnx(state_dict, abstract_state))
+
+
+def _write_safetensors(state_dict: Mapping[str, np.ndarray], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    # "format": "pt" marks the file as a torch checkpoint for transformers-style loaders.
+    save_file(dict(state_dict), path, metadata={"format": "pt"})
+
+
+def save_unet(model: UNet2DConditionModel, folder: str | Path) -> None:
+    """Write config.json and diffusion_pytorch_model.safetensors that diffusers' from_pretrained loads.
+
+    The folder is created if needed; existing files of the same names are overwritten.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_diffusers()
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_safetensors(nnx_to_torch(nnx.state(model)), folder / f"{WEIGHTS_STEM}.safetensors")
