@@ -64,6 +64,9 @@ def main(argv=None) -> int:
 
     from jaxgen import checkpoint, metrics, sampling, trainer
     from jaxgen.config import SampleConfig
+    from jaxgen.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
 
     config = checkpoint.read_run_config(args.run, expected_task="diffusion")
     scorer_config = checkpoint.read_run_config(args.scorer, expected_task="classifier")
@@ -94,26 +97,35 @@ def main(argv=None) -> int:
     rows = []
     for label, sampler, steps in preset["samplers"]:
         sample_config = SampleConfig(sampler=sampler, num_steps=steps)
-        plain_fn = sampling.make_sample_fn(graphdef, rest, schedule, sample_config, image_shape=(size, size, 1),
-                                           prediction_type=config.diffusion.prediction_type, null_label=num_classes)
-        guided_fn = None
+        common = dict(image_shape=(size, size, 1), prediction_type=config.diffusion.prediction_type,
+                      null_label=num_classes)
+        # Scales 0 and 1 need one model call per step (null labels or real labels); other scales need two.
+        single_fn = sampling.make_sample_fn(graphdef, rest, schedule, sample_config, classifier_free=False,
+                                            **common)
+        cfg_fn = sampling.make_sample_fn(graphdef, rest, schedule, sample_config, **common)
         for setting in preset["guidance"]:
+            extra, use_null = (), False
             if setting == "classifier":
-                if guided_fn is None:
-                    guided_fn = sampling.make_sample_fn(
-                        graphdef, rest, schedule, sample_config, image_shape=(size, size, 1),
-                        prediction_type=config.diffusion.prediction_type, null_label=num_classes,
-                        classifier_graphdef=classifier[0])
-                extra = (classifier[1], jnp.float32(args.classifier_scale))
-                fn, scale = guided_fn, 0.0
+                fn = sampling.make_sample_fn(graphdef, rest, schedule, sample_config, classifier_free=False,
+                                             classifier_graphdef=classifier[0], **common)
+                extra, use_null = (classifier[1], jnp.float32(args.classifier_scale)), True
+            elif float(setting) in (0.0, 1.0):
+                fn, use_null = single_fn, float(setting) == 0.0
             else:
-                fn, scale, extra = plain_fn, float(setting), ()
+                fn = cfg_fn
+            scale = 0.0 if setting == "classifier" else float(setting)
             started = time.perf_counter()
             samples = []
             for i in range(0, len(labels_all), args.batch):
                 labels = jnp.asarray(labels_all[i:i + args.batch])
+                model_labels = jnp.full_like(labels, num_classes) if use_null else labels
                 key = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
-                samples.append(np.asarray(fn(params, key, labels, jnp.float32(scale), *extra)))
+                if setting == "classifier":
+                    # The unconditional model sees the null class; the classifier steers towards `labels`.
+                    samples.append(np.asarray(fn(params, key, labels, jnp.float32(scale), *extra,
+                                                 model_labels=model_labels)))
+                else:
+                    samples.append(np.asarray(fn(params, key, model_labels, jnp.float32(scale))))
             samples = np.concatenate(samples)
             seconds = time.perf_counter() - started
             accuracy = metrics.conditional_accuracy(np.asarray(score_logits(jnp.asarray(samples))), labels_all)

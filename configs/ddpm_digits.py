@@ -16,17 +16,17 @@ def get_config(arg=None):
         out_channels=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 32),
         layers_per_block=1,
         norm_num_groups=8,
-        cross_attention_dim=64,
-        attention_head_dim=16,
+        cross_attention_dim=32,
+        attention_head_dim=8,
         num_class_embeds=11,  # ten digits and the null class
     )
     config = Config(
         task="diffusion",
         model=model,
-        data=DataConfig(image_size=16, batch_size=128),
+        data=DataConfig(image_size=16, batch_size=64),
         diffusion=DiffusionConfig(schedule="linear", prediction_type="epsilon", cond_drop_prob=0.1),
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=200, ema_decay=0.999),
         sample=SampleConfig(sampler="ddim", num_steps=50, guidance_scale=3.0),

@@ -6,7 +6,7 @@ key and an NNX state path name the same parameter:
     torch "down_blocks.0.resnets.1.conv1.weight"  <->  NNX ('down_blocks', 0, 'resnets', 1, 'conv1', 'kernel')
 
 Only the last name and the memory layout differ. `LEAF_RULES` lists those differences once. The
-rule for a parameter is picked from the NNX side: the leaf name that the target state holds at
+rule for a parameter is picked from the NNX side: the leaf name that the target state contains at
 that module path (kernel, scale, embedding, ...) and the rank of its array. So "weight" becomes
 `kernel` for nnx.Linear and nnx.Conv, `scale` for norms and `embedding` for nnx.Embed, with no
 per-model code.
@@ -34,6 +34,7 @@ __all__ = [
     "LeafRule",
     "nnx_to_torch",
     "torch_key",
+    "torch_shapes",
     "torch_to_nnx",
 ]
 
@@ -43,7 +44,7 @@ CONVERTED_VARIABLES = (nnx.Param, nnx.BatchStat)
 
 @dataclasses.dataclass(frozen=True)
 class LeafRule:
-    """How one NNX leaf is stored in torch.
+    """Torch name and layout of one kind of NNX leaf.
 
     nnx_leaf and rank select the rule (rank None matches any rank). torch_to_nnx_axes is the
     np.transpose permutation from the torch layout to the NNX layout (None keeps the layout).
@@ -53,12 +54,6 @@ class LeafRule:
     rank: int | None
     torch_leaf: str
     torch_to_nnx_axes: tuple[int, ...] | None = None
-
-    @property
-    def nnx_to_torch_axes(self) -> tuple[int, ...] | None:
-        if self.torch_to_nnx_axes is None:
-            return None
-        return tuple(int(axis) for axis in np.argsort(self.torch_to_nnx_axes))
 
 
 LEAF_RULES: tuple[LeafRule, ...] = (
@@ -146,6 +141,7 @@ class _Slot:
     path: tuple
     variable: nnx.Variable
     torch_to_nnx_axes: tuple[int, ...] | None
+    nnx_to_torch_axes: tuple[int, ...] | None
     torch_shape: tuple[int, ...]
 
 
@@ -165,7 +161,7 @@ def _converted_slots(state: nnx.State) -> tuple[dict[str, _Slot], dict[str, set[
                 f"NNX paths {slots[key].path} and {path} both map to torch key {key!r}; rename one of them."
             )
         inverse = None if axes is None else tuple(int(axis) for axis in np.argsort(axes))
-        slots[key] = _Slot(path, variable, axes, _permute_shape(shape, inverse))
+        slots[key] = _Slot(path, variable, axes, inverse, _permute_shape(shape, inverse))
         leaves_by_module.setdefault(module, set()).add(str(path[-1]))
     return slots, leaves_by_module
 
@@ -178,6 +174,16 @@ def _is_torch_only_buffer(key: str, leaves_by_module: Mapping[str, set[str]]) ->
     return required <= leaves_by_module.get(module, set())
 
 
+def torch_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+    """Return the torch key and torch-layout shape of every converted variable of `state`.
+
+    Works on abstract states from nnx.eval_shape, so a model's checkpoint layout can be checked
+    without allocating its weights. Torch-only buffers are not included.
+    """
+    slots, _ = _converted_slots(state)
+    return {key: slot.torch_shape for key, slot in slots.items()}
+
+
 def torch_to_nnx(state_dict: Mapping[str, np.ndarray], target: nnx.State) -> nnx.State:
     """Convert a torch state_dict into a copy of `target` filled with its tensors.
 
@@ -188,7 +194,7 @@ def torch_to_nnx(state_dict: Mapping[str, np.ndarray], target: nnx.State) -> nnx
             `nnx.eval_shape`. Its leaf names and ranks choose the rules.
 
     Returns:
-        A state with the structure of `target`: every nnx.Param and nnx.BatchStat holds the
+        A state with the structure of `target`: every nnx.Param and nnx.BatchStat contains the
         converted checkpoint array as a jax.Array, and other variables keep their target values.
 
     Raises:
@@ -238,8 +244,8 @@ def nnx_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
     state_dict: dict[str, np.ndarray] = {}
     for key, slot in slots.items():
         array = np.asarray(slot.variable.get_value())
-        if slot.torch_to_nnx_axes is not None:
-            array = np.transpose(array, np.argsort(slot.torch_to_nnx_axes))
+        if slot.nnx_to_torch_axes is not None:
+            array = np.transpose(array, slot.nnx_to_torch_axes)
         # A copy, because numpy views of jax arrays are read-only and torch.from_numpy warns on them.
         state_dict[key] = np.array(array, order="C")
     for module, leaves in leaves_by_module.items():

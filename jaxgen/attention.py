@@ -64,8 +64,8 @@ def dot_product_attention(
                 f"dot_product_attention expects a mask broadcastable to [B, N, L, S], got shape "
                 f"{mask.shape}; drop the extra axes."
             )
-        # jax.nn.dot_product_attention wants a rank-4 mask; left-pad the rank so that masks such
-        # as [L, S] or [B, 1, 1, S] broadcast as they would in numpy.
+        # jax.nn.dot_product_attention needs a rank-4 mask. Padding the rank on the left lets
+        # masks such as [L, S] or [B, 1, 1, S] broadcast as they would in numpy.
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
     # implementation=None lets JAX pick: cuDNN when available on GPU, the XLA einsum form elsewhere.

@@ -1,9 +1,9 @@
 """Job configs: small frozen dataclasses, one per concern, loaded from Python files in `configs/`.
 
 A config file defines `get_config(arg=None)` and returns a `Config`. `load_config` finds the file (a bare
-name is looked up in `configs/`), applies `key=value` overrides and returns the result, which is frozen:
-every later change goes through `apply_overrides`, and every key is checked against the dataclass fields,
-so a typo fails with the nearest valid key instead of being ignored.
+name is looked up in `configs/`) and applies `key=value` overrides. The result is frozen, so every later
+change goes through `apply_overrides`. Every key is checked against the dataclass fields, and a typo fails
+with the nearest valid key instead of being ignored.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class SampleConfig:
     num_steps: int = 50
     guidance_scale: float = 3.0
     eta: float = 0.0
-    spacing: str = "leading"
+    # Timestep spacing; None keeps each sampler's default (DDIM "leading", DPM-Solver++ "linspace").
+    spacing: str | None = None
     samples_per_class: int = 8
 
 

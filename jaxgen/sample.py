@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="number of sampling steps (ddpm always uses all)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 is deterministic, 1 is DDPM-like")
-    parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default="leading",
-                        help="how the sampling timesteps are spread over the training timesteps")
+    parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
+                        help="how the sampling timesteps are spread over the training timesteps "
+                             "(default: the sampler's own, leading for DDIM and linspace for DPM-Solver++)")
     parser.add_argument("--guidance", type=float, default=3.0,
                         help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided")
     parser.add_argument("--classifier", default=None, help="run folder of a noise-aware classifier")
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from jaxgen import checkpoint, images, sampling, trainer
+    from jaxgen.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
 
     try:
         config = checkpoint.read_run_config(args.run, expected_task="diffusion")

@@ -1,7 +1,7 @@
 """Jitted class-conditional sampling: one XLA program from noise to images, with both kinds of guidance.
 
 `make_sample_fn` returns `sample(params, key, labels, guidance_scale, classifier_params, classifier_scale)`.
-The guidance scales are traced arguments, so changing them does not recompile; the sampler, its step count
+The guidance scales are traced arguments, so changing them does not recompile. The sampler, its step count
 and whether a classifier is used are fixed when the function is built.
 
 Guidance scale s follows diffusers' convention, out = out_uncond + s * (out_cond - out_uncond):
@@ -37,14 +37,15 @@ def schedule_from_config(config: Config) -> NoiseSchedule:
 
 def sampler_options(sample: SampleConfig) -> dict[str, Any]:
     """Return the keyword options of `samplers.sample` that a SampleConfig sets for its sampler."""
+    spacing = {} if sample.spacing is None else {"spacing": sample.spacing}
     if sample.sampler == "ddpm":
         return {}
     if sample.sampler == "ddim":
-        return {"num_steps": sample.num_steps, "eta": sample.eta, "spacing": sample.spacing}
+        return {"num_steps": sample.num_steps, "eta": sample.eta, **spacing}
     if sample.sampler == "dpmpp_2m":
-        return {"num_steps": sample.num_steps, "spacing": sample.spacing}
+        return {"num_steps": sample.num_steps, **spacing}
     if sample.sampler == "dpmpp_2m_karras":
-        return {"num_steps": sample.num_steps, "spacing": sample.spacing, "use_karras_sigmas": True}
+        return {"num_steps": sample.num_steps, "use_karras_sigmas": True, **spacing}
     raise ValueError(
         f"unknown sampler {sample.sampler!r}; choose one of 'ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_karras'"
     )
@@ -65,35 +66,50 @@ def make_sample_fn(
     prediction_type: str,
     null_label: int,
     classifier_graphdef: nnx.GraphDef | None = None,
+    classifier_free: bool = True,
 ) -> Callable[..., jax.Array]:
     """Build a jitted function that draws one image per label.
 
     The returned function takes (params, key, labels [B], guidance_scale, classifier_params=None,
-    classifier_scale=0.0) and returns images [B, *image_shape] in the data range. With `classifier_graphdef`
+    classifier_scale=0.0, model_labels=None) and returns images [B, *image_shape] in the data range.
+    `model_labels`, when given, replaces the labels the diffusion model sees, for example the null class
+    for classifier guidance of the unconditional model. With `classifier_graphdef`
     set, the guided ε is also pushed along the noise-aware classifier's gradient (classifier guidance).
+    With `classifier_free=False` the model runs once per step on `labels` alone and `guidance_scale` is
+    ignored: this gives scale 1 at half the cost, or scale 0 when the labels are all `null_label`.
     """
     name = sampler_name(sample)
     options = sampler_options(sample)
 
-    def draw(params, key, labels, guidance_scale, classifier_params=None, classifier_scale=0.0):
+    def draw(params, key, labels, guidance_scale, classifier_params=None, classifier_scale=0.0,
+             model_labels=None):
         model = nnx.merge(graphdef, params, rest)
 
         def model_fn(x, t, cond):
             return model(x, t, cond)
 
-        null = jnp.full_like(labels, null_label)
-        guided = guidance.cfg_model_fn(model_fn, guidance_scale, null)
+        if classifier_free:
+            denoise = guidance.cfg_model_fn(model_fn, guidance_scale, jnp.full_like(labels, null_label))
+        else:
+            denoise = model_fn
+        if model_labels is not None:
+            # The model sees `model_labels` (e.g. the null class) while a classifier still steers to `labels`.
+            conditioned = denoise
+
+            def denoise(x, t, cond):
+                return conditioned(x, t, model_labels)
+
         output_type = prediction_type
         if classifier_graphdef is not None:
             classifier = nnx.merge(classifier_graphdef, classifier_params)
-            guided = guidance.classifier_guided_model_fn(
-                guided, classifier.log_prob, schedule, classifier_scale, prediction_type=prediction_type
+            denoise = guidance.classifier_guided_model_fn(
+                denoise, classifier.log_prob, schedule, classifier_scale, prediction_type=prediction_type
             )
             output_type = "epsilon"
         noise_key, sampler_key = jax.random.split(key)
         x_T = jax.random.normal(noise_key, (labels.shape[0], *image_shape), jnp.float32)
         x_0 = samplers.sample(
-            name, guided, schedule, x_T, sampler_key, labels, prediction_type=output_type, **options
+            name, denoise, schedule, x_T, sampler_key, labels, prediction_type=output_type, **options
         )
         return jnp.clip(x_0, -1.0, 1.0)
 

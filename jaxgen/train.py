@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from jaxgen import config as config_lib
+from jaxgen.runtime import configure_host_devices, enable_compilation_cache
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,13 +23,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override a config value, e.g. --set optim.learning_rate=3e-4 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
-
-
-def configure_host_devices(count: int) -> None:
-    """Ask XLA for `count` CPU devices; must run before JAX initialises its backends."""
-    if count > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_host_devices(config.train.host_devices)
 
     from jaxgen import checkpoint, trainer  # imported here so that XLA_FLAGS is set before JAX starts
+
+    enable_compilation_cache()
 
     try:
         trainer.train(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from flax import nnx
 from safetensors.torch import save_file as save_torch_safetensors
 
-from conversion.diffusers_io import load_unet, read_state_dict, save_unet
-from conversion.rules import CheckpointMismatchError, nnx_to_torch, torch_key, torch_to_nnx
+from conversion.diffusers_io import abstract_model, load_unet, read_state_dict, save_unet
+from conversion.rules import CheckpointMismatchError, nnx_to_torch, torch_key, torch_shapes, torch_to_nnx
+from jaxgen.models import UNet2DConditionConfig, UNet2DConditionModel
 
 TINY_UNET = dict(
     sample_size=8,
@@ -108,7 +110,10 @@ def test_rules_round_trip_exactly(zoo):
 def test_rules_fill_an_abstract_state(zoo):
     _, state_dict, _ = zoo
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: NnxZoo(nnx.Rngs(0))))
-    model = nnx.merge(graphdef, torch_to_nnx(state_dict, abstract))
+    filled = torch_to_nnx(state_dict, abstract)
+    for path, variable in nnx.to_flat_state(filled):
+        assert isinstance(variable.get_value(), jax.Array), path
+    model = nnx.merge(graphdef, filled)
     np.testing.assert_array_equal(model.linear.kernel[...], state_dict["linear.weight"].T)
 
 
@@ -237,9 +242,10 @@ def test_load_missing_folder(tmp_path):
 
 
 def test_load_pipeline_root_suggests_subfolder(tmp_path):
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"Subfolders with a config.json: \['unet'\]"):
+    for name, class_name in (("text_encoder", "CLIPTextModel"), ("unet", "UNet2DConditionModel")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'unet'} contains a UNet2DConditionModel"):
         load_unet(tmp_path)
 
 
@@ -264,3 +270,47 @@ def test_load_config_mismatch_lists_keys(diffusers_folder, tmp_path):
     (tmp_path / "diffusion_pytorch_model.safetensors").symlink_to(folder / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointMismatchError, match="missing key: down_blocks.0.resnets.1.conv1.weight"):
         load_unet(tmp_path)
+
+
+# ----- full-size layouts -----------------------------------------------------------------------
+
+SD15_SHAPED = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    sample_size=64,
+)
+SD21_SHAPED = dict(SD15_SHAPED, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+# SDXL's block layout without its added text/time embeddings, which jaxgen does not implement yet.
+SDXL_SHAPED = dict(
+    SD21_SHAPED,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+)
+
+
+@pytest.mark.parametrize("name, config", [("sd15", SD15_SHAPED), ("sd21", SD21_SHAPED), ("sdxl", SDXL_SHAPED)])
+def test_full_size_layout_matches_diffusers(name, config):
+    with torch.device("meta"):  # Shapes only, no memory.
+        reference = DiffusersUNet(**config)
+    expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    unet_config = UNet2DConditionConfig.from_diffusers(dict(reference.config))
+    model = abstract_model(lambda rngs: UNet2DConditionModel(unet_config, rngs=rngs))
+    assert torch_shapes(nnx.state(model)) == expected, name
+
+
+def test_abstract_model_matches_eval_shape():
+    config = UNet2DConditionConfig(**TINY_UNET)
+    fast = abstract_model(lambda rngs: UNet2DConditionModel(config, rngs=rngs))
+    reference = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+    assert nnx.graphdef(fast) == nnx.graphdef(reference)
+    fast_shapes = {path: (v.get_value().shape, v.get_value().dtype) for path, v in nnx.to_flat_state(nnx.state(fast))}
+    reference_shapes = {
+        path: (v.get_value().shape, v.get_value().dtype) for path, v in nnx.to_flat_state(nnx.state(reference))
+    }
+    assert fast_shapes == reference_shapes

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel: parity with diffusers, config handling, input checks and jit behaviour.
+"""UNet2DConditionModel: parity with diffusers, config handling, input checks, jit and shared layers.
 
 Parity metric: max |jaxgen - diffusers| / max |diffusers| over the whole output, in float32.
 The tolerance is 1e-5; measured values are about 1e-6 on a 2-core x86 CPU.
@@ -15,7 +15,9 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 from flax import nnx
 
 from conversion.diffusers_io import load_unet
+from jaxgen.attention import dot_product_attention
 from jaxgen.models import UNet2DConditionConfig, UNet2DConditionModel
+from jaxgen.models.layers import dense, pointwise_conv
 
 PARITY_RTOL = 1e-5
 
@@ -346,3 +348,61 @@ def test_model_attribute_paths_follow_diffusers(abstract_unet):
         "conv_out.bias",
     }
     assert expected <= paths
+
+
+# ----- shared layers ---------------------------------------------------------------------------
+
+
+def _naive_attention(q, k, v, mask=None):
+    logits = np.einsum("blnd,bsnd->bnls", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bnls,bsnd->blnd", weights, v)
+
+
+def test_attention_matches_softmax_formula():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+    k = rng.standard_normal((2, 6, 3, 4)).astype(np.float32)
+    v = rng.standard_normal((2, 6, 3, 4)).astype(np.float32)
+    mask = rng.random((5, 6)) > 0.3
+    mask[:, 0] = True  # Every query keeps at least one key.
+    np.testing.assert_allclose(dot_product_attention(q, k, v), _naive_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        dot_product_attention(q, k, v, mask), _naive_attention(q, k, v, mask), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "shapes, mask, error, message",
+    [
+        (((2, 5, 12), (2, 6, 12), (2, 6, 12)), None, ValueError, "rank 4"),
+        (((2, 5, 3, 4), (2, 6, 3, 8), (2, 6, 3, 8)), None, ValueError, "equal B, N and D"),
+        (((2, 5, 3, 4), (2, 6, 3, 4), (2, 6, 3, 4)), np.ones((5, 6), np.float32), TypeError, "boolean mask"),
+    ],
+)
+def test_attention_rejects_bad_inputs(shapes, mask, error, message):
+    q, k, v = (np.zeros(shape, np.float32) for shape in shapes)
+    with pytest.raises(error, match=message):
+        dot_product_attention(q, k, v, mask)
+
+
+def test_flattened_layers_match_direct_call():
+    # Zero initialisers skip the slow per-shape compile of random ones; numpy fills the weights.
+    zeros = nnx.initializers.zeros_init()
+    rngs = nnx.Rngs(0)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
+    linear = nnx.Linear(8, 5, kernel_init=zeros, rngs=rngs)
+    conv = nnx.Conv(8, 5, kernel_size=(1, 1), kernel_init=zeros, rngs=rngs)
+    for layer in (linear, conv):
+        layer.kernel[...] = rng.standard_normal(layer.kernel.shape).astype(np.float32)
+        layer.bias[...] = rng.standard_normal(layer.bias.shape).astype(np.float32)
+    np.testing.assert_allclose(dense(linear, x), linear(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pointwise_conv(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+
+    wide = nnx.eval_shape(lambda: nnx.Conv(8, 5, kernel_size=(3, 3), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="1x1 convolution with stride 1"):
+        pointwise_conv(wide, x)

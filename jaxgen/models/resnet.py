@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.models.embeddings import get_activation
+from jaxgen.models.layers import pointwise_conv
 
 __all__ = ["Downsample2D", "ResnetBlock2D", "Upsample2D", "group_norm"]
 
@@ -108,7 +109,7 @@ class ResnetBlock2D(nnx.Module):
         # Dropout of diffusers' block sits here; only dropout 0 is supported, so it is omitted.
         h = self.conv2(self.nonlinearity(h))
 
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        shortcut = x if self.conv_shortcut is None else pointwise_conv(self.conv_shortcut, x)
         out = shortcut + h
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.attention import dot_product_attention
+from jaxgen.models.layers import dense, pointwise_conv
 from jaxgen.models.resnet import group_norm
 
 __all__ = ["Attention", "BasicTransformerBlock", "FeedForward", "GEGLU", "Transformer2DModel"]
@@ -59,11 +60,11 @@ class Attention(nnx.Module):
         """Map x [B, L, C] (and context [B, S, E]) to [B, L, C]."""
         context = x if context is None else context
         b, length, _ = x.shape
-        q = self.to_q(x).reshape(b, length, self.heads, self.dim_head)  # [B, L, N, D]
-        k = self.to_k(context).reshape(b, context.shape[1], self.heads, self.dim_head)  # [B, S, N, D]
-        v = self.to_v(context).reshape(b, context.shape[1], self.heads, self.dim_head)
+        q = dense(self.to_q, x).reshape(b, length, self.heads, self.dim_head)  # [B, L, N, D]
+        k = dense(self.to_k, context).reshape(b, context.shape[1], self.heads, self.dim_head)  # [B, S, N, D]
+        v = dense(self.to_v, context).reshape(b, context.shape[1], self.heads, self.dim_head)
         out = dot_product_attention(q, k, v)  # [B, L, N, D]
-        return self.to_out[0](out.reshape(b, length, self.heads * self.dim_head))
+        return dense(self.to_out[0], out.reshape(b, length, self.heads * self.dim_head))
 
 
 class GEGLU(nnx.Module):
@@ -73,7 +74,7 @@ class GEGLU(nnx.Module):
         self.proj = nnx.Linear(dim_in, 2 * dim_out, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(self.proj(x), 2, axis=-1)
+        hidden, gate = jnp.split(dense(self.proj, x), 2, axis=-1)
         return hidden * jax.nn.gelu(gate, approximate=False)
 
 
@@ -91,9 +92,8 @@ class FeedForward(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        geglu, dropout, linear = self.net
+        return dense(linear, dropout(geglu(x)))
 
 
 class BasicTransformerBlock(nnx.Module):
@@ -176,17 +176,11 @@ class Transformer2DModel(nnx.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """Map x [B, H, W, C] and context [B, S, E] to [B, H, W, C]."""
         b, h, w, _ = x.shape
-        tokens = self.norm(x)
-        # A 1x1 convolution and a Linear on the flattened tokens are the same map; which one runs
+        # A 1x1 convolution and a Linear on the flattened tokens are the same map. The layer type
         # only decides the checkpoint layout of proj_in and proj_out.
-        if self.use_linear_projection:
-            tokens = self.proj_in(tokens.reshape(b, h * w, -1))  # [B, L, C_inner]
-        else:
-            tokens = self.proj_in(tokens).reshape(b, h * w, -1)
+        project = dense if self.use_linear_projection else pointwise_conv
+        tokens = self.norm(x).reshape(b, h * w, -1)  # [B, L, C]
+        tokens = project(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        if self.use_linear_projection:
-            out = self.proj_out(tokens).reshape(b, h, w, -1)
-        else:
-            out = self.proj_out(tokens.reshape(b, h, w, -1))
-        return out + x
+        return project(self.proj_out, tokens).reshape(b, h, w, -1) + x

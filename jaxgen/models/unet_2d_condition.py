@@ -85,7 +85,8 @@ class UNet2DConditionConfig:
     (an int for all blocks or one per down block), and each head is block_out_channels[i] /
     heads wide. `num_attention_heads` must stay None because diffusers 0.42.1 rejects it too.
     `sample_size` is only metadata (the default pipeline resolution); any size divisible by
-    2 ** (len(block_out_channels) - 1) runs.
+    2 ** (len(block_out_channels) - 1) runs. `upcast_attention` is kept for checkpoint configs
+    but changes nothing, because the attention softmax always computes in float32.
     """
 
     sample_size: int | tuple[int, int] | None = None

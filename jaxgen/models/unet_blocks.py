@@ -90,9 +90,9 @@ class DownBlock2D(nnx.Module):
         settings: BlockSettings,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [_resnet(in_channels if i == 0 else out_channels, out_channels, settings, rngs) for i in range(num_layers)]
-        )
+        self.resnets = nnx.List([])
+        for i in range(num_layers):
+            self.resnets.append(_resnet(in_channels if i == 0 else out_channels, out_channels, settings, rngs))
         self.downsamplers = _downsamplers(out_channels, add_downsample, downsample_padding, settings, rngs)
 
     def __call__(
@@ -205,13 +205,10 @@ class UpBlock2D(nnx.Module):
         settings: BlockSettings,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                _resnet(_up_resnet_in_channels(i, num_layers, in_channels, prev_output_channels, out_channels),
-                        out_channels, settings, rngs)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = nnx.List([])
+        for i in range(num_layers):
+            resnet_in = _up_resnet_in_channels(i, num_layers, in_channels, prev_output_channels, out_channels)
+            self.resnets.append(_resnet(resnet_in, out_channels, settings, rngs))
         self.upsamplers = _upsamplers(out_channels, add_upsample, settings, rngs)
 
     def __call__(
