@@ -46,8 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scorer", default="runs/digit_classifier", help="digit classifier run folder")
     parser.add_argument("--classifier", default="runs/noisy_classifier_digits",
                         help="noise-aware classifier run folder, for the classifier-guidance rows")
-    parser.add_argument("--classifier-scale", type=float, default=5.0)
+    parser.add_argument("--classifier-scale", type=float, default=10.0,
+                        help="classifier guidance scale for the classifier rows")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--samplers", default=None,
+                        help="comma-separated sampler rows to keep from the preset, e.g. DDIM-50,DDIM-20")
+    parser.add_argument("--guidance", default=None,
+                        help="comma-separated guidance settings replacing the preset's, e.g. 1,3,classifier")
     parser.add_argument("--per-class", type=int, default=30, help="samples drawn per class for each setting")
     parser.add_argument("--batch", type=int, default=300, help="samples per jitted call")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,7 +80,15 @@ def main(argv=None) -> int:
     scorer = nnx.merge(s_graphdef, s_params, s_rest)
     score_logits = jax.jit(lambda x: scorer(x))
     score_features = jax.jit(lambda x: scorer.features(x))
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    if args.samplers:
+        wanted = args.samplers.split(",")
+        preset["samplers"] = [row for row in PRESETS["full"]["samplers"] if row[0] in wanted]
+        if len(preset["samplers"]) != len(wanted):
+            known = [row[0] for row in PRESETS["full"]["samplers"]]
+            raise SystemExit(f"error: --samplers {args.samplers!r} names a sampler outside {known}")
+    if args.guidance:
+        preset["guidance"] = args.guidance.split(",")
     classifier = None
     if "classifier" in preset["guidance"]:
         c_config = checkpoint.read_run_config(args.classifier, expected_task="noisy_classifier")
@@ -107,7 +120,7 @@ def main(argv=None) -> int:
             extra, use_null = (), False
             if setting == "classifier":
                 fn = sampling.make_sample_fn(graphdef, rest, schedule, sample_config, classifier_free=False,
-                                             classifier_graphdef=classifier[0], **common)
+                                             classifier=(classifier[0], classifier[2]), **common)
                 extra, use_null = (classifier[1], jnp.float32(args.classifier_scale)), True
             elif float(setting) in (0.0, 1.0):
                 fn, use_null = single_fn, float(setting) == 0.0

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         sample_fn = sampling.make_sample_fn(
             graphdef, rest, schedule, sample_config, image_shape=(size, size, config.model.in_channels),
             prediction_type=config.diffusion.prediction_type, null_label=num_classes,
-            classifier_graphdef=classifier[0] if classifier else None,
+            classifier=(classifier[0], classifier[2]) if classifier else None,
         )
         extra = (classifier[1], jnp.float32(args.classifier_scale)) if classifier else ()
         samples = sample_fn(params, jax.random.PRNGKey(args.seed), jnp.asarray(labels), jnp.float32(args.guidance),

@@ -65,7 +65,7 @@ def make_sample_fn(
     image_shape: tuple[int, int, int],
     prediction_type: str,
     null_label: int,
-    classifier_graphdef: nnx.GraphDef | None = None,
+    classifier: tuple[nnx.GraphDef, nnx.State] | None = None,
     classifier_free: bool = True,
 ) -> Callable[..., jax.Array]:
     """Build a jitted function that draws one image per label.
@@ -73,7 +73,7 @@ def make_sample_fn(
     The returned function takes (params, key, labels [B], guidance_scale, classifier_params=None,
     classifier_scale=0.0, model_labels=None) and returns images [B, *image_shape] in the data range.
     `model_labels`, when given, replaces the labels the diffusion model sees, for example the null class
-    for classifier guidance of the unconditional model. With `classifier_graphdef`
+    for classifier guidance of the unconditional model. With `classifier`
     set, the guided ε is also pushed along the noise-aware classifier's gradient (classifier guidance).
     With `classifier_free=False` the model runs once per step on `labels` alone and `guidance_scale` is
     ignored: this gives scale 1 at half the cost, or scale 0 when the labels are all `null_label`.
@@ -100,10 +100,11 @@ def make_sample_fn(
                 return conditioned(x, t, model_labels)
 
         output_type = prediction_type
-        if classifier_graphdef is not None:
-            classifier = nnx.merge(classifier_graphdef, classifier_params)
+        if classifier is not None:
+            classifier_graphdef, classifier_rest = classifier
+            classifier_model = nnx.merge(classifier_graphdef, classifier_params, classifier_rest)
             denoise = guidance.classifier_guided_model_fn(
-                denoise, classifier.log_prob, schedule, classifier_scale, prediction_type=prediction_type
+                denoise, classifier_model.log_prob, schedule, classifier_scale, prediction_type=prediction_type
             )
             output_type = "epsilon"
         noise_key, sampler_key = jax.random.split(key)

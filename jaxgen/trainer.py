@@ -284,6 +284,9 @@ def build_inference_model(config: config_lib.Config, workdir: str | pathlib.Path
     abstract = jax.eval_shape(
         lambda: TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params))
     )
+    # Restore onto this process's first device, whatever device layout the run was trained with.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     state, restored_step = ckpt.restore_params(workdir, abstract, step=step)
     return graphdef, (state.ema_params if use_ema else state.params), rest, restored_step
 
