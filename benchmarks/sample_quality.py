@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=30, help="samples drawn per class for each setting")
     parser.add_argument("--batch", type=int, default=300, help="samples per jitted call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-devices", type=int, default=2, help="XLA CPU devices to split each batch over")
     parser.add_argument("--out", default="benchmarks/results/sample_quality.json", help="JSON output path")
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this path")
     return parser.parse_args(argv)
@@ -63,12 +64,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from jaxgen.runtime import configure_host_devices
+
+    # XLA runs convolutions on one thread per CPU device, so the batch is split over two host devices.
+    configure_host_devices(args.host_devices)
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from jaxgen import checkpoint, metrics, sampling, trainer
     from jaxgen.config import SampleConfig
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from jaxgen.runtime import enable_compilation_cache
 
     enable_compilation_cache()
@@ -106,12 +113,20 @@ def main(argv=None) -> int:
 
     schedule = sampling.schedule_from_config(config)
     size = config.data.image_size
+    mesh = trainer.make_mesh(args.host_devices)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(params, replicated)
+    if classifier is not None:
+        classifier = (classifier[0], jax.device_put(classifier[1], replicated), classifier[2], classifier[3])
+    if args.batch % mesh.size:
+        raise SystemExit(f"error: --batch {args.batch} does not split over {mesh.size} devices")
     labels_all = np.tile(np.arange(num_classes, dtype=np.int32), args.per_class)
     rows = []
     for label, sampler, steps in preset["samplers"]:
         sample_config = SampleConfig(sampler=sampler, num_steps=steps)
         common = dict(image_shape=(size, size, 1), prediction_type=config.diffusion.prediction_type,
-                      null_label=num_classes)
+                      null_label=num_classes, batch_sharding=batch_sharding)
         # Scales 0 and 1 need one model call per step (null labels or real labels); other scales need two.
         single_fn = sampling.make_sample_fn(graphdef, rest, schedule, sample_config, classifier_free=False,
                                             **common)
@@ -130,9 +145,9 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             samples = []
             for i in range(0, len(labels_all), args.batch):
-                labels = jnp.asarray(labels_all[i:i + args.batch])
+                labels = jax.device_put(labels_all[i:i + args.batch], batch_sharding)
                 model_labels = jnp.full_like(labels, num_classes) if use_null else labels
-                key = jax.random.fold_in(jax.random.PRNGKey(args.seed), i)
+                key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(args.seed), i), replicated)
                 if setting == "classifier":
                     # The unconditional model sees the null class; the classifier steers towards `labels`.
                     samples.append(np.asarray(fn(params, key, labels, jnp.float32(scale), *extra,

@@ -67,6 +67,7 @@ def make_sample_fn(
     null_label: int,
     classifier: tuple[nnx.GraphDef, nnx.State] | None = None,
     classifier_free: bool = True,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[..., jax.Array]:
     """Build a jitted function that draws one image per label.
 
@@ -77,6 +78,7 @@ def make_sample_fn(
     set, the guided ε is also pushed along the noise-aware classifier's gradient (classifier guidance).
     With `classifier_free=False` the model runs once per step on `labels` alone and `guidance_scale` is
     ignored: this gives scale 1 at half the cost, or scale 0 when the labels are all `null_label`.
+    `batch_sharding` splits the batch over devices (the labels should be placed with it too).
     """
     name = sampler_name(sample)
     options = sampler_options(sample)
@@ -109,6 +111,8 @@ def make_sample_fn(
             output_type = "epsilon"
         noise_key, sampler_key = jax.random.split(key)
         x_T = jax.random.normal(noise_key, (labels.shape[0], *image_shape), jnp.float32)
+        if batch_sharding is not None:
+            x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
         x_0 = samplers.sample(
             name, denoise, schedule, x_T, sampler_key, labels, prediction_type=output_type, **options
         )
