@@ -50,7 +50,8 @@ def measure(args: argparse.Namespace) -> dict:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = trainer.make_mesh(args.worker)
     tx = trainer.make_optimizer(config.optim, config.train.num_steps)
-    state = trainer.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params))
+    state = trainer.TrainState(step=jnp.int32(0), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                               opt_state=tx.init(params))
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     step_fn = jax.jit(trainer.make_train_step(task, graphdef, rest, tx, 0.999), donate_argnums=0)
     loader = BatchLoader(train_data, config.data.batch_size, seed=0)

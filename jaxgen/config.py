@@ -35,6 +35,10 @@ class DataConfig:
     batch_size: int = 128
     seed: int = 0
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size} is invalid; use a positive integer")
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
@@ -95,6 +99,11 @@ class TrainConfig:
     # Split each batch over this many XLA host devices; XLA runs convolutions on one thread per device on CPU.
     host_devices: int = 2
 
+    def __post_init__(self):
+        for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "host_devices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} is invalid; use a positive integer")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -128,12 +137,17 @@ def resolve_config_path(name: str) -> pathlib.Path:
 def load_config(name: str, overrides: typing.Sequence[str] = (), arg: str | None = None) -> Config:
     """Load a config file, call its `get_config(arg)` and apply `key=value` overrides."""
     path = resolve_config_path(name)
+    if path.suffix != ".py":
+        raise ConfigError(f"config file {path} is not a Python file; pass a .py file or a name from {CONFIG_DIR}")
     spec = importlib.util.spec_from_file_location(f"jaxgen_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config(); add `def get_config(arg=None)`")
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except ValueError as error:
+        raise ConfigError(f"get_config({arg!r}) in {path} failed: {error}") from error
     if not isinstance(config, Config):
         raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, expected jaxgen.config.Config")
     return apply_overrides(config, overrides)

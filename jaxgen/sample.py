@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
                         help="how the sampling timesteps are spread over the training timesteps "
                              "(default: the sampler's own, leading for DDIM and linspace for DPM-Solver++)")
-    parser.add_argument("--guidance", type=float, default=3.0,
+    parser.add_argument("--guidance", type=_finite_float, default=3.0,
                         help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided")
     parser.add_argument("--classifier", default=None, help="run folder of a noise-aware classifier")
     parser.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale")
@@ -48,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run `jaxgen.sample` and return the process exit code."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file operation at INFO
+    if args.per_class < 1:
+        print(f"error: --per-class {args.per_class} is invalid; use a positive integer", file=sys.stderr)
+        return 2
+    if args.out is not None and pathlib.Path(args.out).suffix.lower() != ".png":
+        print(f"error: --out {args.out} must be a .png file path, e.g. --out samples.png", file=sys.stderr)
+        return 2
+    if args.classifier is None and args.classifier_scale:
+        print("error: --classifier-scale needs --classifier RUN (a noise-aware classifier run folder)",
+              file=sys.stderr)
+        return 2
     import jax
     import jax.numpy as jnp
 
@@ -77,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                                  guidance_scale=args.guidance)
     schedule = sampling.schedule_from_config(config)
     size = config.data.image_size
+    # Scales 0 and 1 need one model call per step: the null class or the labels alone.
+    single_pass = args.guidance in (0.0, 1.0)
+    model_labels = jnp.full(labels.shape, num_classes, jnp.int32) if args.guidance == 0.0 else None
     try:
         sample_fn = sampling.make_sample_fn(
             graphdef, rest, schedule, sample_config, image_shape=(size, size, config.model.in_channels),
             prediction_type=config.diffusion.prediction_type, null_label=num_classes,
-            classifier=(classifier[0], classifier[2]) if classifier else None,
+            classifier=(classifier[0], classifier[2]) if classifier else None, classifier_free=not single_pass,
         )
-        extra = (classifier[1], jnp.float32(args.classifier_scale)) if classifier else ()
+        extra = (classifier[1], jnp.float32(args.classifier_scale)) if classifier else (None, 0.0)
         samples = sample_fn(params, jax.random.PRNGKey(args.seed), jnp.asarray(labels), jnp.float32(args.guidance),
-                            *extra)
+                            *extra, model_labels=model_labels)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -94,13 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.run) / "samples" / f"{args.sampler}.png"
     ncols = num_classes if args.labels is None else min(len(labels), 10)
     images.save_grid(samples, out, ncols=ncols)
-    print(f"wrote {len(labels)} samples from step {step} ({args.sampler}, {args.steps} steps, "
+    num_steps = schedule.num_train_timesteps if args.sampler == "ddpm" else args.steps
+    print(f"wrote {len(labels)} samples from step {step} ({args.sampler}, {num_steps} steps, "
           f"guidance {args.guidance}) to {out}")
     if args.save_npz:
         npz = out.with_suffix(".npz")
         np.savez(npz, images=samples, labels=labels)
         print(f"wrote raw samples to {npz}")
     return 0
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _parse_labels(text: str | None, num_classes: int, per_class: int) -> np.ndarray:

@@ -71,6 +71,7 @@ class DiffusionTask(Task):
     def __init__(self, config: Config, held_out: dict[str, np.ndarray]):
         super().__init__(config, held_out)
         self.schedule = sampling.schedule_from_config(config)
+        sampling.sampler_options(config.sample)  # reject an unknown sampler before training starts
         self._sample_fn = None
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:

@@ -73,8 +73,8 @@ def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
 def create_model(task: tasks_lib.Task, seed: int) -> nnx.Module:
     """Initialise the task's model in one compiled program.
 
-    Eager initialisation compiles one small program per distinct parameter shape (about 60 for the digits
-    U-Net, half a minute on two CPU cores); under jit the whole initialisation compiles once.
+    Eager initialisation compiles one small program per distinct parameter shape, about 60 for the digits
+    U-Net. Under jit the whole initialisation compiles once.
     """
     return nnx.jit(lambda: task.build_model(nnx.Rngs(seed)))()
 
@@ -140,7 +140,6 @@ def train(config: config_lib.Config) -> pathlib.Path:
     workdir = pathlib.Path(t.workdir)
     ckpt.check_run_folder(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(config, workdir / ckpt.CONFIG_FILE)
 
     train_data, held_out = load_data(config)
     task = tasks_lib.make_task(config, held_out)
@@ -218,6 +217,8 @@ def train(config: config_lib.Config) -> pathlib.Path:
                 f"parameters became NaN or infinite by step {step} although the loss was finite; stopped "
                 f"without saving, and {kept}. Check optim.learning_rate={config.optim.learning_rate!r}"
             )
+        # config.json is written with the checkpoint, so a run that fails earlier leaves no claim on the folder.
+        config_lib.save_config(config, workdir / ckpt.CONFIG_FILE)
         store.save(step, state, {"loader": loader.state(), "step": step})
         last_checkpoint = step
         window_start = time.perf_counter()  # keep checkpoint writing out of the steps/s figure

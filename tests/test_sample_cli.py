@@ -63,7 +63,8 @@ def test_sample_quality_benchmark_writes_table(tiny_runs, compile_cache, tmp_pat
         ("DDIM-50", "1"), ("DDIM-50", "3"), ("DPM-Solver++-20", "1"), ("DPM-Solver++-20", "3")]
     for row in result["rows"]:
         assert 0.0 <= row["accuracy"] <= 1.0
-        assert np.isfinite(row["frechet_distance"]) and row["frechet_distance"] >= 0.0
+        assert np.isfinite(row["frechet_distance"])
+        assert row["frechet_distance"] >= 0.0
         assert row["samples"] == 20
     assert result["real_vs_real_frechet_distance"] >= 0.0
     assert "| DDIM-50 | 3 |" in markdown.read_text()
