@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                 model_labels = jnp.full_like(labels, num_classes) if use_null else labels
                 key = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(args.seed), i), replicated)
                 if setting == "classifier":
-                    # The unconditional model sees the null class; the classifier steers towards `labels`.
+                    # The unconditional model receives the null class; the classifier steers towards `labels`.
                     samples.append(np.asarray(fn(params, key, labels, jnp.float32(scale), *extra,
                                                  model_labels=model_labels)))
                 else:

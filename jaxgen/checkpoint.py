@@ -1,6 +1,6 @@
 """Run folders and Orbax checkpoints.
 
-A run folder holds `config.json` (the job that made it), `checkpoints/<step>/` (Orbax writes each step into a
+A run folder contains `config.json` (the job that made it), `checkpoints/<step>/` (Orbax writes each step into a
 temporary folder and renames it when complete, so a killed run never leaves a half-written checkpoint behind),
 `metrics.jsonl` and `samples/`. Each checkpoint stores the training state pytree and, as JSON, the data loader
 position, so a resumed run sees the same batches and PRNG keys as an uninterrupted one.
@@ -34,14 +34,14 @@ def model_signature(config: config_lib.Config) -> dict[str, Any]:
 
 
 def check_run_folder(workdir: pathlib.Path, config: config_lib.Config) -> None:
-    """Raise if `workdir` already holds a run of a different task or model than `config`."""
+    """Raise if `workdir` already contains a run of a different task or model than `config`."""
     path = workdir / CONFIG_FILE
     if not path.exists():
         return
     existing = config_lib.read_config(path)
     if model_signature(existing) != model_signature(config):
         raise RunFolderError(
-            f"run folder {workdir} holds a checkpoint of another model (task {existing.task!r}, "
+            f"run folder {workdir} contains a checkpoint of another model (task {existing.task!r}, "
             f"model {type(existing.model).__name__}) than this config (task {config.task!r}, model "
             f"{type(config.model).__name__}, or the same class with other settings); choose a new folder with "
             f"--set train.workdir=PATH or delete {workdir}"

@@ -73,7 +73,7 @@ def make_sample_fn(
 
     The returned function takes (params, key, labels [B], guidance_scale, classifier_params=None,
     classifier_scale=0.0, model_labels=None) and returns images [B, *image_shape] in the data range.
-    `model_labels`, when given, replaces the labels the diffusion model sees, for example the null class
+    `model_labels`, when given, replaces the labels the diffusion model receives, for example the null class
     for classifier guidance of the unconditional model. With `classifier`
     set, the guided ε is also pushed along the noise-aware classifier's gradient (classifier guidance).
     With `classifier_free=False` the model runs once per step on `labels` alone and `guidance_scale` is
@@ -95,7 +95,7 @@ def make_sample_fn(
         else:
             denoise = model_fn
         if model_labels is not None:
-            # The model sees `model_labels` (e.g. the null class) while a classifier still steers to `labels`.
+            # The model receives `model_labels` (e.g. the null class) while a classifier still steers to `labels`.
             conditioned = denoise
 
             def denoise(x, t, cond):

@@ -1,8 +1,8 @@
 """The training loop shared by every task: data, jitted train step, EMA, checkpoints, metrics and samples.
 
 The train step is a pure function of (TrainState, batch, key) compiled once. The loop keeps losses on the
-device and reads them only every `log_every` steps and before each checkpoint, so the host never waits for
-the device just to print. Before a checkpoint is written, every pending loss is checked: a NaN or inf stops
+device and reads them only every `log_every` steps and before each checkpoint, so the host waits for the device
+only at those points. Before a checkpoint is written, every pending loss is checked: a NaN or inf stops
 the run, names the step and leaves the last good checkpoint as the newest one.
 
 Determinism across restarts: the step key is `fold_in(PRNGKey(seed), step)` and the loader position is
