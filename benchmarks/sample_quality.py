@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     classifier = None
     if "classifier" in preset["guidance"]:
         c_config = checkpoint.read_run_config(args.classifier, expected_task="noisy_classifier")
+        sampling.check_classifier_matches(config, c_config)
         classifier = trainer.build_inference_model(c_config, args.classifier)
 
     train_data, held_out = trainer.load_data(config)

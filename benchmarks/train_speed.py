@@ -46,7 +46,7 @@ def measure(args: argparse.Namespace) -> dict:
     config = config_lib.load_config(args.cfg, [*args.overrides, f"train.host_devices={args.worker}"])
     train_data, held_out = trainer.load_data(config)
     task = tasks.make_task(config, held_out)
-    model = task.build_model(nnx.Rngs(0))
+    model = trainer.create_model(task, 0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = trainer.make_mesh(args.worker)
     tx = trainer.make_optimizer(config.optim, config.train.num_steps)

@@ -46,6 +46,34 @@ def check_run_folder(workdir: pathlib.Path, config: config_lib.Config) -> None:
             f"{type(config.model).__name__}, or the same class with other settings); choose a new folder with "
             f"--set train.workdir=PATH or delete {workdir}"
         )
+    changed = [(name, old, new) for name, old, new in _resume_fields(existing, config) if old != new]
+    if changed:
+        listed = "; ".join(f"{name} was {old!r}, now {new!r}" for name, old, new in changed)
+        raise RunFolderError(
+            f"run folder {workdir} was trained with other data or noise settings, so resuming it would not continue "
+            f"the same run: {listed}. Set them back to the saved values (see {path}), or start a new run with "
+            "--set train.workdir=PATH"
+        )
+
+
+# Settings that fix the batches, PRNG keys and training targets of a run. A resumed run must keep them,
+# while the optimizer settings and train.num_steps may change on resume (to lower a learning rate after
+# a NaN loss, or to train for longer).
+_RESUME_FIELDS = (
+    ("data", ("name", "image_size", "batch_size", "seed")),
+    ("train", ("seed",)),
+    ("diffusion", None),  # every field
+)
+
+
+def _resume_fields(existing: config_lib.Config, config: config_lib.Config):
+    for section, names in _RESUME_FIELDS:
+        old_section, new_section = getattr(existing, section), getattr(config, section)
+        old_values, new_values = config_lib.config_to_dict(old_section), config_lib.config_to_dict(new_section)
+        for name in names or sorted(set(old_values) | set(new_values)):
+            if name.startswith("__"):
+                continue
+            yield f"{section}.{name}", old_values.get(name), new_values.get(name)
 
 
 def read_run_config(workdir: str | pathlib.Path, *, expected_task: str | None = None) -> config_lib.Config:

@@ -219,6 +219,9 @@ def _unknown_key_message(full_key: str, name: str, valid: list[str]) -> str:
     return f"unknown config key {full_key!r}: {name!r} is not one of {sorted(valid)}{hint}"
 
 
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
+
+
 def _coerce(value: Any, current: Any, full_key: str) -> Any:
     """Convert an override value to the type of the field it replaces, or raise naming both types."""
     if dataclasses.is_dataclass(current):
@@ -228,6 +231,9 @@ def _coerce(value: Any, current: Any, full_key: str) -> Any:
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
+        # Shell spellings of booleans; the numbers 0 and 1 stay invalid, so a typo is not read as a flag.
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
     elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier = None
         if args.classifier:
             classifier_config = checkpoint.read_run_config(args.classifier, expected_task="noisy_classifier")
+            sampling.check_classifier_matches(config, classifier_config)
             classifier = trainer.build_inference_model(classifier_config, args.classifier)
         graphdef, params, rest, step = trainer.build_inference_model(config, args.run)
     except (checkpoint.RunFolderError, ValueError) as error:

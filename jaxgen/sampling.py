@@ -35,6 +35,34 @@ def schedule_from_config(config: Config) -> NoiseSchedule:
     )
 
 
+_SCHEDULE_FIELDS = ("schedule", "num_train_timesteps", "beta_start", "beta_end", "rescale_zero_terminal_snr")
+
+
+def check_classifier_matches(model_config: Config, classifier_config: Config) -> None:
+    """Raise ValueError unless a noise-aware classifier was trained on the diffusion model's noise and images.
+
+    Classifier guidance reads the classifier at the model's timesteps, so both must share the noise schedule,
+    and the classifier must take images of the model's size.
+    """
+    differences = [
+        f"diffusion.{name}: model {getattr(model_config.diffusion, name)!r}, "
+        f"classifier {getattr(classifier_config.diffusion, name)!r}"
+        for name in _SCHEDULE_FIELDS
+        if getattr(model_config.diffusion, name) != getattr(classifier_config.diffusion, name)
+    ]
+    if model_config.data.image_size != classifier_config.data.image_size:
+        differences.append(
+            f"data.image_size: model {model_config.data.image_size}, classifier {classifier_config.data.image_size}"
+        )
+    if differences:
+        raise ValueError(
+            "the noise-aware classifier was trained on other noise or images than the diffusion model ("
+            + "; ".join(differences)
+            + "); train a classifier with the model's settings, e.g. python -m jaxgen.train --cfg "
+            "noisy_classifier_digits --set diffusion.schedule=..."
+        )
+
+
 def sampler_options(sample: SampleConfig) -> dict[str, Any]:
     """Return the keyword options of `samplers.sample` that a SampleConfig sets for its sampler."""
     spacing = {} if sample.spacing is None else {"spacing": sample.spacing}

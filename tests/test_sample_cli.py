@@ -91,3 +91,25 @@ def test_notebook_executes(tiny_runs, compile_cache):
                       for o in cell.get("outputs", []))
     assert "DDIM-50: first call" in outputs
     assert "mean absolute round-trip error" in outputs
+
+
+@pytest.mark.parametrize("override, field", [("diffusion.beta_end=0.03", "diffusion.beta_end"),
+                                             ("data.image_size=32", "data.image_size")])
+def test_classifier_of_other_schedule_rejected(override, field):
+    from jaxgen import config as config_lib
+    from jaxgen import sampling
+
+    model_config = config_lib.load_config("ddpm_digits", [], arg="tiny")
+    classifier_config = config_lib.load_config("noisy_classifier_digits", [override], arg="tiny")
+    with pytest.raises(ValueError) as error:
+        sampling.check_classifier_matches(model_config, classifier_config)
+    assert field in str(error.value)
+
+
+def test_classifier_of_same_schedule_accepted():
+    from jaxgen import config as config_lib
+    from jaxgen import sampling
+
+    model_config = config_lib.load_config("ddpm_digits", [], arg="tiny")
+    classifier_config = config_lib.load_config("noisy_classifier_digits", [], arg="tiny")
+    sampling.check_classifier_matches(model_config, classifier_config)  # the test fails if this raises

@@ -50,6 +50,17 @@ def test_config_override_sets_typed_values():
     assert config.model.block_out_channels == (16, 32, 32)
 
 
+@pytest.mark.parametrize("raw, expected", [("true", True), ("False", False), ("yes", True), ("off", False)])
+def test_config_bool_words_accepted(raw, expected):
+    config = config_lib.load_config("ddpm_digits", [f"diffusion.rescale_zero_terminal_snr={raw}"])
+    assert config.diffusion.rescale_zero_terminal_snr is expected
+
+
+def test_config_bool_rejects_number():
+    with pytest.raises(config_lib.ConfigError, match=r"expected bool"):
+        config_lib.load_config("ddpm_digits", ["diffusion.rescale_zero_terminal_snr=1"])
+
+
 def test_config_unknown_key_names_nearest():
     with pytest.raises(config_lib.ConfigError, match=r"did you mean 'learning_rate'"):
         config_lib.load_config("ddpm_digits", ["optim.learning_rat=1e-3"])
@@ -158,3 +169,25 @@ def test_run_folder_of_another_model_rejected(tiny_runs, compile_cache, data_dir
     assert result.returncode == 1
     assert "another model" in result.stderr
     assert "train.workdir" in result.stderr
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=32", "data.seed=3", "train.seed=1", "diffusion.beta_end=0.03"])
+def test_resume_with_other_data_settings_rejected(tmp_path, override):
+    from jaxgen import checkpoint as ckpt
+
+    saved = config_lib.load_config("ddpm_digits", [], arg="tiny")
+    config_lib.save_config(saved, tmp_path / ckpt.CONFIG_FILE)
+    changed = config_lib.load_config("ddpm_digits", [override], arg="tiny")
+    with pytest.raises(ckpt.RunFolderError) as error:
+        ckpt.check_run_folder(tmp_path, changed)
+    assert override.split("=")[0] in str(error.value)
+    assert "train.workdir" in str(error.value)
+
+
+def test_resume_with_longer_schedule_accepted(tmp_path):
+    from jaxgen import checkpoint as ckpt
+
+    saved = config_lib.load_config("ddpm_digits", [], arg="tiny")
+    config_lib.save_config(saved, tmp_path / ckpt.CONFIG_FILE)
+    longer = config_lib.load_config("ddpm_digits", ["train.num_steps=20", "optim.learning_rate=1e-4"], arg="tiny")
+    ckpt.check_run_folder(tmp_path, longer)  # the test fails if this raises
