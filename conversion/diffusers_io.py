@@ -1,6 +1,6 @@
 """Read and write diffusers model folders (config.json plus weights) for jaxgen models.
 
-A diffusers model folder, such as the unet/ subfolder of a Stable Diffusion pipeline, contains
+A diffusers model folder, such as the unet/ or vae/ subfolder of a Stable Diffusion pipeline, contains
 config.json and diffusion_pytorch_model.safetensors (or .bin, or shards listed in
 diffusion_pytorch_model.safetensors.index.json). Nothing here touches the network.
 """
@@ -15,13 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.rules import nnx_to_torch, torch_to_nnx
+from conversion.rules import nnx_to_torch, rename_legacy_keys, torch_shapes, torch_to_nnx
+from jaxgen.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from jaxgen.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
-__all__ = ["abstract_model", "load_unet", "read_config", "read_state_dict", "save_unet"]
+__all__ = ["abstract_model", "load_unet", "load_vae", "read_config", "read_state_dict", "save_unet", "save_vae"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
+# Subfolder of a Stable Diffusion pipeline that contains each model class, for error hints.
+PIPELINE_SUBFOLDERS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}
 
 
 def read_config(folder: str | Path, class_name: str) -> dict:
@@ -40,9 +43,11 @@ def read_config(folder: str | Path, class_name: str) -> dict:
     config = json.loads(config_path.read_text())
     found = config.get("_class_name")
     if found != class_name:
+        subfolder = PIPELINE_SUBFOLDERS.get(class_name)
+        hint = f" (for a Stable Diffusion pipeline, its {subfolder}/ subfolder)" if subfolder else ""
         raise ValueError(
             f"{config_path} describes a {found!r}, not a {class_name!r}; pass the folder of the "
-            f"{class_name} (for a Stable Diffusion pipeline, its unet/ subfolder)."
+            f"{class_name}{hint}."
         )
     return config
 
@@ -144,10 +149,28 @@ def load_unet(
         ValueError: config.json is not a UNet2DConditionModel config or uses unsupported options.
         conversion.rules.CheckpointMismatchError: the weights do not match the config.
     """
-    config = UNet2DConditionConfig.from_diffusers(read_config(folder, "UNet2DConditionModel"))
+    return _load_model(folder, UNet2DConditionConfig, UNet2DConditionModel, variant=variant, dtype=dtype)
+
+
+def load_vae(folder: str | Path, *, variant: str | None = None, dtype: jnp.dtype | None = None) -> AutoencoderKL:
+    """Build an AutoencoderKL from a diffusers model folder, such as a pipeline's vae/ subfolder.
+
+    Args and Raises are those of `load_unet`, for an AutoencoderKL config. Checkpoints with the
+    older attention names (query, key, value, proj_attn) load through
+    `conversion.rules.LEGACY_RENAMES`.
+    """
+    return _load_model(folder, AutoencoderKLConfig, AutoencoderKL, variant=variant, dtype=dtype)
+
+
+def _load_model(
+    folder: str | Path, config_type: type, model_type: type, *, variant: str | None, dtype: jnp.dtype | None
+) -> nnx.Module:
+    """Build model_type(config) from a diffusers folder of the model class of the same name."""
+    config = config_type.from_diffusers(read_config(folder, model_type.__name__))
     state_dict = read_state_dict(folder, variant=variant)
-    abstract = abstract_model(lambda rngs: UNet2DConditionModel(config, dtype=dtype, rngs=rngs))
+    abstract = abstract_model(lambda rngs: model_type(config, dtype=dtype, rngs=rngs))
     graphdef, abstract_state = nnx.split(abstract)
+    state_dict = rename_legacy_keys(state_dict, torch_shapes(abstract_state))
     return nnx.merge(graphdef, torch_to_nnx(state_dict, abstract_state))
 
 
@@ -163,6 +186,15 @@ def save_unet(model: UNet2DConditionModel, folder: str | Path) -> None:
 
     The folder is created if needed; existing files of the same names are overwritten.
     """
+    _save_model(model, folder)
+
+
+def save_vae(model: AutoencoderKL, folder: str | Path) -> None:
+    """Write an AutoencoderKL as a diffusers model folder, in the files that `save_unet` writes."""
+    _save_model(model, folder)
+
+
+def _save_model(model: UNet2DConditionModel | AutoencoderKL, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_diffusers()

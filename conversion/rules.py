@@ -15,6 +15,9 @@ Layouts: torch Linear weights are (out, in) and NNX kernels (in, out). Torch con
 (out, in, *spatial), for example OIHW, and NNX kernels (*spatial, in, out), for example HWIO.
 Only nnx.Param and nnx.BatchStat variables are converted. Other variables, such as RNG state,
 are not checkpoint content and keep their target values.
+
+Checkpoints saved under older module names are read through `LEGACY_RENAMES`, one table of
+old -> current module names that `rename_legacy_keys` applies by key before conversion.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from flax import nnx
 __all__ = [
     "CONVERTED_VARIABLES",
     "LEAF_RULES",
+    "LEGACY_RENAMES",
     "TORCH_ONLY_BUFFERS",
     "CheckpointMismatchError",
     "LeafRule",
+    "LegacyRename",
     "nnx_to_torch",
+    "rename_legacy_keys",
     "torch_key",
     "torch_shapes",
     "torch_to_nnx",
@@ -74,6 +80,26 @@ LEAF_RULES: tuple[LeafRule, ...] = (
 TORCH_ONLY_BUFFERS: dict[str, tuple[frozenset[str], np.ndarray]] = {
     "num_batches_tracked": (frozenset({"mean", "var"}), np.array(0, dtype=np.int64)),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LegacyRename:
+    """A module name that older checkpoints use in place of the current one (the last name before the leaf)."""
+
+    old: str
+    new: str
+
+
+# Older diffusers checkpoints name the VAE mid-block attention (and any attention block that
+# diffusers builds with `_from_deprecated_attn_block`) query, key, value and proj_attn, and
+# diffusers 0.42.1 still renames them on load. The original Stable Diffusion checkpoints store
+# these weights as 1x1 convolutions [O, I, 1, 1], and checkpoints converted from them may too.
+LEGACY_RENAMES: tuple[LegacyRename, ...] = (
+    LegacyRename("query", "to_q"),
+    LegacyRename("key", "to_k"),
+    LegacyRename("value", "to_v"),
+    LegacyRename("proj_attn", "to_out.0"),
+)
 
 
 def _find_rule(nnx_leaf: str, rank: int) -> LeafRule | None:
@@ -253,3 +279,39 @@ def nnx_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
             if required <= leaves:
                 state_dict[f"{module}.{buffer_name}" if module else buffer_name] = value.copy()
     return state_dict
+
+
+def rename_legacy_keys(
+    state_dict: Mapping[str, np.ndarray], expected_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Return `state_dict` with the legacy module names of `LEGACY_RENAMES` replaced.
+
+    A key "prefix.old.leaf" becomes "prefix.new.leaf" only when the model has no parameter of
+    the old name and does have one of the new name that the checkpoint lacks. So models whose
+    modules are really called `key` or `value` keep their keys. A renamed weight of shape
+    [O, I, 1, 1] becomes [O, I] when the model expects [O, I]. Keys that match no rule are
+    returned unchanged, so `torch_to_nnx` still reports them.
+
+    Args:
+        state_dict: torch key -> array, as read from the checkpoint.
+        expected_shapes: torch key -> torch-layout shape of every model parameter, as
+            `torch_shapes` returns them.
+    """
+    renames = {rule.old: rule.new for rule in LEGACY_RENAMES}
+    renamed: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        parent, _, module = prefix.rpartition(".")
+        new_key = None
+        if module in renames and key not in expected_shapes:
+            candidate = ".".join(part for part in (parent, renames[module], leaf) if part)
+            if candidate in expected_shapes and candidate not in state_dict:
+                new_key = candidate
+        if new_key is None:
+            renamed[key] = value
+            continue
+        expected = tuple(expected_shapes[new_key])
+        if len(expected) == 2 and tuple(np.shape(value)) == (*expected, 1, 1):
+            value = np.asarray(value).reshape(expected)  # 1x1 convolution -> Linear, same layout
+        renamed[new_key] = value
+    return renamed

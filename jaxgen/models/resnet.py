@@ -58,7 +58,8 @@ class ResnetBlock2D(nnx.Module):
     """Pre-norm residual block with a timestep embedding (diffusers `ResnetBlock2D`).
 
     time_embedding_norm "default" adds the projected embedding after conv1, "scale_shift" applies
-    it as norm2(h) * (1 + scale) + shift.
+    it as norm2(h) * (1 + scale) + shift. temb_channels None builds the block without
+    time_emb_proj, as the VAE uses it, and then __call__ takes no embedding.
     """
 
     def __init__(
@@ -66,7 +67,7 @@ class ResnetBlock2D(nnx.Module):
         in_channels: int,
         out_channels: int,
         *,
-        temb_channels: int,
+        temb_channels: int | None,
         groups: int,
         eps: float,
         act_fn: str = "silu",
@@ -79,6 +80,11 @@ class ResnetBlock2D(nnx.Module):
             raise ValueError(
                 f"Unsupported time_embedding_norm {time_embedding_norm!r}; use 'default' or 'scale_shift'."
             )
+        if temb_channels is None and time_embedding_norm != "default":
+            raise ValueError(
+                f"time_embedding_norm {time_embedding_norm!r} needs a time embedding; set temb_channels "
+                "or use 'default'."
+            )
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.nonlinearity = get_activation(act_fn)
@@ -86,7 +92,10 @@ class ResnetBlock2D(nnx.Module):
         self.norm1 = group_norm(in_channels, groups, eps, rngs=rngs)
         self.conv1 = _conv3x3(in_channels, out_channels, dtype=dtype, rngs=rngs)
         projected = 2 * out_channels if time_embedding_norm == "scale_shift" else out_channels
-        self.time_emb_proj = nnx.Linear(temb_channels, projected, dtype=dtype, rngs=rngs)
+        if temb_channels is not None:
+            self.time_emb_proj = nnx.Linear(temb_channels, projected, dtype=dtype, rngs=rngs)
+        else:
+            self.time_emb_proj = None
         self.norm2 = group_norm(out_channels, groups, eps, rngs=rngs)
         self.conv2 = _conv3x3(out_channels, out_channels, dtype=dtype, rngs=rngs)
         if in_channels != out_channels:
@@ -96,10 +105,18 @@ class ResnetBlock2D(nnx.Module):
         else:
             self.conv_shortcut = None
 
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        """Map x [B, H, W, C_in] and temb [B, T] to [B, H, W, C_out]."""
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """Map x [B, H, W, C_in] and temb [B, T] (None without time_emb_proj) to [B, H, W, C_out]."""
+        if (temb is None) != (self.time_emb_proj is None):
+            raise ValueError(
+                "temb must be given exactly when the block has time_emb_proj (temb_channels set); "
+                f"got temb {'None' if temb is None else temb.shape}."
+            )
         h = self.conv1(self.nonlinearity(self.norm1(x)))
-        t = self.time_emb_proj(self.nonlinearity(temb))[:, None, None, :]  # [B, 1, 1, C]
+        if self.time_emb_proj is None:
+            t = 0.0  # Without a time embedding, norm2 normalises conv1's output alone.
+        else:
+            t = self.time_emb_proj(self.nonlinearity(temb))[:, None, None, :]  # [B, 1, 1, C]
 
         if self.time_embedding_norm == "default":
             h = self.norm2(h + t)
