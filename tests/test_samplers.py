@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.schedulers import scheduling_ddpm
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
 from jaxgen.diffusion import (
     ddim_invert,
@@ -25,7 +32,15 @@ from jaxgen.diffusion import (
     sample,
     sampler_options,
 )
-from jaxgen.diffusion.samplers import SAMPLERS
+from jaxgen.diffusion.samplers import (
+    SAMPLERS,
+    euler_ancestral_sample,
+    euler_ancestral_step,
+    euler_init_noise_sigma,
+    euler_sample,
+    euler_step,
+    make_euler_grid,
+)
 
 T = 1000
 SHAPE = (2, 3, 3, 2)  # [B, H, W, C]; the schedulers are elementwise, so the layout does not matter.
@@ -454,6 +469,228 @@ def test_ddpm_sample_full_chain_matches_diffusers_loop(monkeypatch, schedule):
 
 
 # ----------------------------------------------------------------------------------------------
+# Euler and Euler ancestral against diffusers.
+# ----------------------------------------------------------------------------------------------
+
+# Karras timesteps come from inverting sigma(t) in float32 here and in float64 in diffusers; near
+# t = 999 log sigma changes by about 3e-3 per timestep, so float32 rounding moves t by up to ~3e-4.
+KARRAS_TIMESTEP_ATOL = 1e-3
+
+
+@pytest.mark.parametrize("spacing, steps_offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
+@pytest.mark.parametrize("use_karras_sigmas", [False, True])
+@pytest.mark.parametrize("num_steps", [1, 7, 25])
+def test_make_euler_grid_matches_diffusers(schedule, spacing, steps_offset, use_karras_sigmas, num_steps):
+    reference = make_reference(EulerDiscreteScheduler, schedule,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+        use_karras_sigmas=use_karras_sigmas,
+    )
+    reference.set_timesteps(num_steps)
+    timesteps, sigmas = make_euler_grid(
+        schedule, num_steps, spacing=spacing, steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas
+    )
+    assert timesteps.dtype == jnp.float32
+    timestep_atol = KARRAS_TIMESTEP_ATOL if use_karras_sigmas else 0.0
+    np.testing.assert_allclose(np.asarray(timesteps), reference.timesteps.numpy(), rtol=0, atol=timestep_atol)
+    np.testing.assert_allclose(np.asarray(sigmas), reference.sigmas.numpy(), rtol=STEP_RTOL, atol=1e-6)
+    np.testing.assert_allclose(
+        float(euler_init_noise_sigma(sigmas, spacing)), float(reference.init_noise_sigma), rtol=1e-6
+    )
+
+
+def test_make_euler_grid_sigma_bounds_and_final_sigma(schedule):
+    reference = make_reference(EulerDiscreteScheduler, schedule,
+        use_karras_sigmas=True,
+        sigma_min=0.1,
+        sigma_max=20.0,
+        final_sigmas_type="sigma_min",
+    )
+    reference.set_timesteps(10)
+    timesteps, sigmas = make_euler_grid(
+        schedule, 10, use_karras_sigmas=True, sigma_min=0.1, sigma_max=20.0, final_sigmas_type="sigma_min"
+    )
+    np.testing.assert_allclose(
+        np.asarray(timesteps), reference.timesteps.numpy(), rtol=0, atol=KARRAS_TIMESTEP_ATOL
+    )
+    np.testing.assert_allclose(np.asarray(sigmas), reference.sigmas.numpy(), rtol=STEP_RTOL, atol=1e-6)
+    assert float(sigmas[0]) == pytest.approx(20.0, rel=1e-6)
+    assert float(sigmas[-1]) > 0.0
+
+
+def test_make_euler_grid_rejects_sigma_bounds_without_karras(schedule):
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        make_euler_grid(schedule, 10, sigma_min=0.1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("use_karras_sigmas", [False, True])
+def test_euler_steps_match_diffusers(schedule, prediction_type, use_karras_sigmas):
+    num_steps = 15
+    reference = make_reference(EulerDiscreteScheduler, schedule,
+        prediction_type=prediction_type,
+        use_karras_sigmas=use_karras_sigmas,
+    )
+    reference.set_timesteps(num_steps)
+    _, sigmas = make_euler_grid(schedule, num_steps, use_karras_sigmas=use_karras_sigmas)
+    # Feed diffusers' sample into both at every step, so each comparison covers one step.
+    x = to_torch(initial_noise(21)) * reference.init_noise_sigma
+    for i, t in enumerate(reference.timesteps):
+        model_input = reference.scale_model_input(x, t)
+        output = dummy_model_jax(jnp.asarray(model_input.numpy()), jnp.full((SHAPE[0],), float(t), jnp.float32))
+        ours, _ = euler_step(
+            output, jnp.asarray(x.numpy()), sigmas[i], sigmas[i + 1], prediction_type=prediction_type
+        )
+        x = reference.step(to_torch(output), t, x).prev_sample
+        np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=STEP_RTOL, atol=STEP_ATOL)
+
+
+def _run_euler_reference(reference, x_T, num_steps):
+    """Run a diffusers Euler loop as its pipelines do: scale x_T, scale each model input, step."""
+    reference.set_timesteps(num_steps)
+    x = to_torch(x_T) * reference.init_noise_sigma
+    for t in reference.timesteps:
+        output = dummy_model_torch(reference.scale_model_input(x, t), t)
+        x = reference.step(output, t, x).prev_sample
+    return x.numpy()
+
+
+@pytest.mark.parametrize(
+    "spacing, steps_offset, use_karras_sigmas, prediction_type, final_sigmas_type",
+    [
+        ("leading", 1, False, "epsilon", "zero"),  # SDXL's scheduler config.
+        ("linspace", 0, False, "epsilon", "zero"),  # Fractional timesteps reach the model.
+        ("trailing", 0, False, "v_prediction", "zero"),
+        ("linspace", 0, True, "epsilon", "zero"),
+        ("leading", 1, True, "v_prediction", "sigma_min"),
+    ],
+)
+def test_euler_sample_matches_diffusers_loop(
+    spacing, steps_offset, use_karras_sigmas, prediction_type, final_sigmas_type
+):
+    schedule = make_schedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    reference = make_reference(EulerDiscreteScheduler, schedule,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+        use_karras_sigmas=use_karras_sigmas,
+        prediction_type=prediction_type,
+        final_sigmas_type=final_sigmas_type,
+    )
+    x_T = initial_noise(22)
+    expected = _run_euler_reference(reference, x_T, 20)
+    ours = euler_sample(
+        dummy_model_jax,
+        schedule,
+        x_T,
+        None,
+        num_steps=20,
+        spacing=spacing,
+        steps_offset=steps_offset,
+        use_karras_sigmas=use_karras_sigmas,
+        prediction_type=prediction_type,
+        final_sigmas_type=final_sigmas_type,
+    )
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=LOOP_RTOL, atol=LOOP_ATOL)
+
+
+def test_euler_float_timesteps_and_initial_scale(schedule):
+    seen = []
+
+    def recording_model(x, t, cond):
+        seen.append((x, t))
+        return jnp.zeros_like(x)
+
+    x_T = initial_noise(23)
+    # One "trailing" step runs at t = 999 and goes to sigma 0.
+    result = euler_sample(recording_model, schedule, x_T, None, num_steps=1, spacing="trailing")
+    model_input, timesteps = seen[0]  # Tracers: the scan traces the model once.
+    assert timesteps.dtype == jnp.float32
+    assert timesteps.shape == (SHAPE[0],)
+    assert model_input.shape == SHAPE
+    # A zero noise prediction means x0 = x, so the step leaves x_T * init_noise_sigma unchanged.
+    alpha_bar = float(schedule.alphas_cumprod[-1])
+    sigma_max = np.sqrt((1.0 - alpha_bar) / alpha_bar)
+    np.testing.assert_allclose(np.asarray(result), np.asarray(x_T) * sigma_max, rtol=1e-5, atol=1e-6)
+
+
+def test_euler_zero_terminal_snr_matches_diffusers_loop():
+    schedule = make_schedule(
+        "scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_zero_terminal_snr=True
+    )
+    # Built from the config, because diffusers replaces the final alpha_bar of 0 in its constructor.
+    reference = EulerDiscreteScheduler(
+        num_train_timesteps=T,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
+    x_T = initial_noise(24)
+    expected = _run_euler_reference(reference, x_T, 20)
+    ours = euler_sample(
+        dummy_model_jax, schedule, x_T, None, num_steps=20, spacing="trailing", prediction_type="v_prediction"
+    )
+    assert bool(jnp.all(jnp.isfinite(ours)))
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=LOOP_RTOL, atol=LOOP_ATOL)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_ancestral_step_matches_diffusers(schedule, prediction_type):
+    reference = make_reference(EulerAncestralDiscreteScheduler, schedule, prediction_type=prediction_type)
+    reference.set_timesteps(10)
+    _, sigmas = make_euler_grid(schedule, 10)
+    x = to_torch(initial_noise(25)) * reference.init_noise_sigma
+    for i, t in enumerate(reference.timesteps):
+        output = dummy_model_jax(
+            jnp.asarray(reference.scale_model_input(x, t).numpy()), jnp.full((SHAPE[0],), float(t), jnp.float32)
+        )
+        noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+        ours, _ = euler_ancestral_step(
+            output,
+            jnp.asarray(x.numpy()),
+            sigmas[i],
+            sigmas[i + 1],
+            jnp.asarray(noise.numpy()),
+            prediction_type=prediction_type,
+        )
+        x = reference.step(to_torch(output), t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=STEP_RTOL, atol=STEP_ATOL)
+
+
+@pytest.mark.parametrize("spacing, steps_offset", [("leading", 1), ("linspace", 0)])
+def test_euler_ancestral_sample_matches_diffusers_loop(monkeypatch, schedule, spacing, steps_offset):
+    reference = make_reference(EulerAncestralDiscreteScheduler, schedule,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+    )
+    key = jax.random.key(6)
+    step = {"index": 0}
+
+    def sampler_noise(shape, **kwargs):
+        del kwargs
+        return to_torch(jax.random.normal(jax.random.fold_in(key, step["index"]), tuple(shape)))
+
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", sampler_noise)
+    reference.set_timesteps(20)
+    x_T = initial_noise(26)
+    x = to_torch(x_T) * reference.init_noise_sigma
+    for i, t in enumerate(reference.timesteps):
+        step["index"] = i
+        x = reference.step(dummy_model_torch(reference.scale_model_input(x, t), t), t, x).prev_sample
+    ours = euler_ancestral_sample(
+        dummy_model_jax, schedule, x_T, key, num_steps=20, spacing=spacing, steps_offset=steps_offset
+    )
+    np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=LOOP_RTOL, atol=LOOP_ATOL)
+
+
+def test_euler_ancestral_without_key_raises(schedule):
+    with pytest.raises(ValueError, match="pass a PRNG key"):
+        euler_ancestral_sample(dummy_model_jax, schedule, initial_noise(), None, num_steps=10)
+
+
+# ----------------------------------------------------------------------------------------------
 # Sampler properties.
 # ----------------------------------------------------------------------------------------------
 
@@ -523,6 +760,8 @@ def test_ddim_invert_round_trip(schedule, spacing):
     [
         (ddim_sample, {"num_steps": 10, "eta": 0.5}),
         (dpmpp_2m_sample, {"num_steps": 10, "use_karras_sigmas": True}),
+        (euler_sample, {"num_steps": 10, "use_karras_sigmas": True, "spacing": "leading", "steps_offset": 1}),
+        (euler_ancestral_sample, {"num_steps": 10}),
     ],
 )
 def test_jitted_sampler_does_not_recompile(sampler, options):
@@ -560,7 +799,7 @@ def test_sampler_keeps_dtype(schedule):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral"])
 def test_sample_dispatch_forwards_arguments(monkeypatch, schedule, name):
     real_sampler = SAMPLERS[name]
     calls = []
@@ -604,8 +843,8 @@ def test_sample_rejects_option_of_other_sampler(schedule):
 
 
 def test_sample_rejects_unknown_sampler(schedule):
-    with pytest.raises(ValueError, match="dpmpp_2m"):
-        sample("euler", dummy_model_jax, schedule, initial_noise(), None, num_steps=10)
+    with pytest.raises(ValueError, match="dpmpp_2m, euler, euler_ancestral"):
+        sample("heun", dummy_model_jax, schedule, initial_noise(), None, num_steps=10)
 
 
 def test_sampler_options_lists_keywords():
@@ -634,7 +873,9 @@ def test_ddpm_without_key_raises(schedule):
         ddpm_sample(dummy_model_jax, schedule, initial_noise(), None, num_steps=10)
 
 
-@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp_2m_sample, ddpm_sample])
+@pytest.mark.parametrize(
+    "sampler", [ddim_sample, dpmpp_2m_sample, ddpm_sample, euler_sample, euler_ancestral_sample]
+)
 def test_samplers_reject_unknown_prediction_type(schedule, sampler):
     with pytest.raises(ValueError, match="v_prediction"):
         sampler(

@@ -14,7 +14,8 @@ import torch
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from flax import nnx
 
-from conversion.diffusers_io import load_unet
+from conversion.diffusers_io import abstract_model, load_unet, read_config, save_unet
+from conversion.rules import torch_shapes
 from jaxgen.attention import dot_product_attention
 from jaxgen.models import UNet2DConditionConfig, UNet2DConditionModel
 from jaxgen.models.layers import dense, pointwise_conv
@@ -222,10 +223,10 @@ def test_config_unknown_key_names_nearest():
 
 
 def test_config_unsupported_option_named():
-    with pytest.raises(ValueError, match="addition_embed_type='text_time'"):
-        UNet2DConditionConfig.from_diffusers({"addition_embed_type": "text_time"})
+    with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+        UNet2DConditionConfig.from_diffusers({"class_embed_type": "timestep"})
     # The same key at its default is accepted, and private keys are ignored.
-    config = UNet2DConditionConfig.from_diffusers({"addition_embed_type": None, "_name_or_path": "x"})
+    config = UNet2DConditionConfig.from_diffusers({"class_embed_type": None, "_name_or_path": "x"})
     assert config == UNet2DConditionConfig()
 
 
@@ -348,6 +349,269 @@ def test_model_attribute_paths_follow_diffusers(abstract_unet):
         "conv_out.bias",
     }
     assert expected <= paths
+
+
+# ----- SDXL: added text/time conditioning and asymmetric transformer depths ---------------------
+
+# Tiny SDXL-like U-Net: DownBlock2D first, per-block heads and depths (the mid block takes the last
+# depth, 2), linear projections and the "text_time" added embedding with 6 time ids.
+POOLED_DIM = 12
+SDXL_STYLE = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+)
+# Per-layer transformer depths with separate up-block depths (as in distilled SDXL variants), and
+# 5 time ids as in the SDXL refiner (sizes, crop, aesthetic score).
+ASYMMETRIC_FIVE_TIME_IDS = dict(
+    SDXL_STYLE,
+    transformer_layers_per_block=((1, 2), (2, 1)),
+    reverse_transformer_layers_per_block=((1, 3, 2), (1, 1, 2)),
+    projection_class_embeddings_input_dim=5 * 8 + POOLED_DIM,
+)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the keys that differ from the defaults.
+SDXL_BASE = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def make_sdxl_inputs(config: dict, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Return NCHW inputs for a text_time U-Net; the number of time ids follows from the config."""
+    rng = np.random.default_rng(seed)
+    num_time_ids = (config["projection_class_embeddings_input_dim"] - POOLED_DIM) // config["addition_time_embed_dim"]
+    size = config["sample_size"]
+    return dict(
+        sample=rng.standard_normal((batch, config["in_channels"], size, size)).astype(np.float32),
+        timestep=np.array([10, 999])[:batch],
+        encoder_hidden_states=rng.standard_normal((batch, 7, config["cross_attention_dim"])).astype(np.float32),
+        text_embeds=rng.standard_normal((batch, POOLED_DIM)).astype(np.float32),
+        # Pixel sizes and crop offsets, as SDXL pipelines pass them.
+        time_ids=rng.integers(0, 1024, (batch, num_time_ids)).astype(np.float32),
+    )
+
+
+def diffusers_sdxl_forward(model: DiffusersUNet, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Run diffusers with added_cond_kwargs and return its output as NHWC numpy."""
+    tensors = {name: torch.from_numpy(np.asarray(value)) for name, value in inputs.items()}
+    added = {"text_embeds": tensors["text_embeds"], "time_ids": tensors["time_ids"]}
+    with torch.no_grad():
+        out = model(
+            tensors["sample"], tensors["timestep"], tensors["encoder_hidden_states"], added_cond_kwargs=added
+        ).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+class JittedSDXLUNet:
+    """Jitted forward of a text_time U-Net that takes the NCHW inputs of make_sdxl_inputs."""
+
+    def __init__(self, model: UNet2DConditionModel):
+        self.model = model
+        graphdef, self.state = nnx.split(model)
+
+        def forward(state, sample, timestep, context, text_embeds, time_ids):
+            unet = nnx.merge(graphdef, state)
+            return unet(sample, timestep, context, text_embeds=text_embeds, time_ids=time_ids)
+
+        self._forward = jax.jit(forward)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Return the output for NCHW inputs as NHWC numpy."""
+        sample = jnp.asarray(inputs["sample"].transpose(0, 2, 3, 1))
+        context, text_embeds, time_ids = inputs["encoder_hidden_states"], inputs["text_embeds"], inputs["time_ids"]
+        return np.asarray(self._forward(self.state, sample, inputs["timestep"], context, text_embeds, time_ids))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl_unet")
+    reference = save_diffusers_unet(SDXL_STYLE, folder)
+    return reference, JittedSDXLUNet(load_unet(folder)), folder
+
+
+@pytest.fixture(scope="module")
+def abstract_sdxl_unet():
+    config = UNet2DConditionConfig(**SDXL_STYLE)
+    return abstract_model(lambda rngs: UNet2DConditionModel(config, rngs=rngs))
+
+
+def test_parity_sdxl_style(sdxl):
+    reference, jitted, _ = sdxl
+    inputs = make_sdxl_inputs(SDXL_STYLE)
+    expected = diffusers_sdxl_forward(reference, inputs)
+    actual = jitted(inputs)
+    assert actual.shape == (2, 16, 16, 4)
+    assert max_relative_error(actual, expected) <= PARITY_RTOL
+
+
+def test_sdxl_time_ids_change_output(sdxl):
+    # Guards against an added embedding that is built but not added to the time embedding.
+    _, jitted, _ = sdxl
+    inputs = make_sdxl_inputs(SDXL_STYLE)
+    shifted = dict(inputs, time_ids=inputs["time_ids"] + 64.0)
+    difference = max_relative_error(jitted(shifted), jitted(inputs))
+    assert difference > 1e-3
+
+
+def test_parity_asymmetric_five_time_ids(tmp_path):
+    reference = save_diffusers_unet(ASYMMETRIC_FIVE_TIME_IDS, tmp_path, seed=2)
+    model = load_unet(tmp_path)
+    assert len(model.up_blocks[0].attentions[1].transformer_blocks) == 3
+    assert len(model.down_blocks[1].attentions[0].transformer_blocks) == 2
+    assert len(model.mid_block.attentions[0].transformer_blocks) == 2  # First depth of the last down block.
+    inputs = make_sdxl_inputs(ASYMMETRIC_FIVE_TIME_IDS, seed=2)
+    expected = diffusers_sdxl_forward(reference, inputs)
+    actual = JittedSDXLUNet(model)(inputs)
+    assert max_relative_error(actual, expected) <= PARITY_RTOL
+
+
+def test_sdxl_save_round_trip(sdxl, tmp_path):
+    reference, jitted, _ = sdxl
+    model = jitted.model
+    save_unet(model, tmp_path)
+    saved_config = read_config(tmp_path, "UNet2DConditionModel")
+    assert UNet2DConditionConfig.from_diffusers(saved_config) == UNet2DConditionConfig(**SDXL_STYLE)
+
+    # diffusers loads the saved folder strictly and computes what the original model computes.
+    reloaded = DiffusersUNet.from_pretrained(tmp_path).eval()
+    inputs = make_sdxl_inputs(SDXL_STYLE, seed=3)
+    np.testing.assert_allclose(
+        diffusers_sdxl_forward(reloaded, inputs), diffusers_sdxl_forward(reference, inputs), rtol=0, atol=1e-6
+    )
+
+    # And jaxgen reads back the same weights.
+    reread = load_unet(tmp_path)
+    for (path, original), (_, copy) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(reread, nnx.Param))
+    ):
+        np.testing.assert_array_equal(np.asarray(copy.get_value()), np.asarray(original.get_value()), err_msg=str(path))
+
+
+def test_sdxl_config_matches_diffusers_config(sdxl):
+    reference, _, _ = sdxl
+    assert UNet2DConditionConfig.from_diffusers(dict(reference.config)) == UNet2DConditionConfig(**SDXL_STYLE)
+
+
+def test_sdxl_base_layout_matches_diffusers():
+    # The full-size SDXL base U-Net (2.6e9 parameters) without weights: diffusers on torch's meta
+    # device, jaxgen as an abstract state. Every checkpoint key and shape must agree.
+    with torch.device("meta"):
+        reference = DiffusersUNet(**SDXL_BASE)
+    expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    config = UNet2DConditionConfig.from_diffusers(dict(reference.config))
+    model = abstract_model(lambda rngs: UNet2DConditionModel(config, rngs=rngs))
+    actual = torch_shapes(nnx.state(model))
+    assert sorted(set(expected) - set(actual)) == []
+    assert sorted(set(actual) - set(expected)) == []
+    assert actual == expected
+
+
+def _valid_sdxl_call_args():
+    inputs = make_sdxl_inputs(SDXL_STYLE)
+    inputs["sample"] = jnp.asarray(inputs["sample"].transpose(0, 2, 3, 1))
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ({"text_embeds": None}, ValueError, "text_embeds is required because addition_embed_type='text_time'"),
+        ({"time_ids": None}, ValueError, "time_ids is required because addition_embed_type='text_time'"),
+        ({"text_embeds": np.zeros((POOLED_DIM,), np.float32)}, ValueError, r"text_embeds must be a 2-D"),
+        ({"time_ids": np.zeros((3, 6), np.float32)}, ValueError, "time_ids has batch 3"),
+        ({"time_ids": np.zeros((2, 6), bool)}, TypeError, "time_ids must be an int or float array"),
+        (
+            {"time_ids": np.zeros((2, 5), np.float32)},
+            ValueError,
+            r"12 \+ 5 \* 8 \(addition_time_embed_dim\) = 52 features, but projection_class_embeddings_input_dim=60",
+        ),
+        ({"text_embeds": np.zeros((2, 20), np.float32)}, ValueError, "= 68 features"),
+    ],
+)
+def test_sdxl_input_validation(abstract_sdxl_unet, override, error, message):
+    kwargs = dict(_valid_sdxl_call_args(), **override)
+    with pytest.raises(error, match=message):
+        abstract_sdxl_unet(**kwargs)
+
+
+def test_sdxl_added_conditioning_is_keyword_only(abstract_sdxl_unet):
+    args = _valid_sdxl_call_args()
+    with pytest.raises(TypeError, match="positional"):
+        abstract_sdxl_unet(
+            args["sample"], args["timestep"], args["encoder_hidden_states"], None, args["text_embeds"], args["time_ids"]
+        )
+
+
+def test_added_conditioning_rejected_without_text_time(abstract_unet):
+    kwargs = _valid_call_args()
+    with pytest.raises(ValueError, match="text_embeds was passed, but the model has no added conditioning"):
+        abstract_unet(**kwargs, text_embeds=np.zeros((2, POOLED_DIM), np.float32))
+    with pytest.raises(ValueError, match="time_ids was passed"):
+        abstract_unet(**kwargs, time_ids=np.zeros((2, 6), np.float32))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"addition_embed_type": "text"}, "Unsupported addition_embed_type 'text'"),
+        ({"addition_time_embed_dim": None}, "needs addition_time_embed_dim as a positive int"),
+        ({"projection_class_embeddings_input_dim": 8}, "leaves no room for the pooled text embeddings"),
+        (
+            {"addition_embed_type": None, "projection_class_embeddings_input_dim": None},
+            "addition_time_embed_dim=8 is only used with addition_embed_type='text_time'",
+        ),
+        (
+            {"transformer_layers_per_block": ((1, 1), 2)},
+            "gives per-layer depths, so the up blocks need their own",
+        ),
+        (
+            {"transformer_layers_per_block": ((1, 1, 1), 2), "reverse_transformer_layers_per_block": (1, 1)},
+            r"transformer_layers_per_block entry 0 is \(1, 1, 1\), but block 0 has 2 layers",
+        ),
+        ({"reverse_transformer_layers_per_block": (1, 1, 1)}, r"one entry per up block \(2\)"),
+        (
+            {"reverse_transformer_layers_per_block": ((1, 1), 1)},
+            r"reverse_transformer_layers_per_block entry 0 is \(1, 1\), but block 0 has 3 layers",
+        ),
+        ({"reverse_transformer_layers_per_block": (0, 1)}, "must be a positive int"),
+    ],
+)
+def test_sdxl_config_rejects_invalid(override, message):
+    with pytest.raises(ValueError, match=message):
+        UNet2DConditionConfig(**dict(SDXL_STYLE, **override))
+
+
+def test_sdxl_config_accepts_nested_lists():
+    # config.json stores the nested depths as lists of lists.
+    as_json = dict(
+        ASYMMETRIC_FIVE_TIME_IDS,
+        transformer_layers_per_block=[[1, 2], [2, 1]],
+        reverse_transformer_layers_per_block=[[1, 3, 2], [1, 1, 2]],
+    )
+    config = UNet2DConditionConfig.from_diffusers(as_json)
+    assert config == UNet2DConditionConfig(**ASYMMETRIC_FIVE_TIME_IDS)
+    assert config.to_diffusers()["reverse_transformer_layers_per_block"] == [[1, 3, 2], [1, 1, 2]]
 
 
 # ----- shared layers ---------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Reverse-process samplers for discrete-time diffusion models, each one XLA program.
 
 Sampler contract: every sampler takes ``model_fn(x_t, t, cond) -> model_output``, where x_t is
-[B, ...], t is int32 [B] and the output is in the sampler's ``prediction_type``. It also takes the
-schedule, x_T, a PRNG key and the condition, which goes to model_fn unchanged. The schedule is a
-pytree, so it is traced and its values can change without recompiling. Options such as num_steps
-and spacing are static Python values. The loop is one ``lax.scan`` over precomputed timesteps, so
+[B, ...], t is int32 [B] and the output is in the sampler's ``prediction_type``. The Euler samplers
+pass t as float32 [B] instead, because their grids can fall between integer timesteps, as in
+diffusers. A sampler also takes the schedule, x_T, a PRNG key and the condition, which goes to
+model_fn unchanged. x_T is unit-variance noise for every sampler: the Euler samplers scale it to
+their first noise level themselves. The schedule is a pytree, so it is traced and its values can
+change without recompiling. Options such as num_steps and spacing are static Python values. The loop is one ``lax.scan`` over precomputed timesteps, so
 a sampler can be jitted whole, for example
 ``jax.jit(functools.partial(ddim_sample, model_fn, schedule, num_steps=50))(x_T, key, cond)``.
 The loop state is float32 (float64 for float64 input) and the result is cast back to x_T's dtype.
@@ -17,21 +19,28 @@ Shapes and symbols:
   N        number of sampling steps; timesteps is int32 [N], in decreasing order.
   ab_t     alpha_bar_t, the schedule's ``alphas_cumprod[t]``.
   x0, eps  the model's estimates of the clean sample and of the noise.
-  sigma    in DPM-Solver code only: the variance-exploding noise level sqrt((1 - ab_t) / ab_t),
-           which diffusers calls ``sigmas``. The variance-preserving pair is
+  sigma    in DPM-Solver and Euler code only: the variance-exploding noise level
+           sqrt((1 - ab_t) / ab_t), which diffusers calls ``sigmas``. The variance-preserving pair is
            alpha = 1 / sqrt(sigma^2 + 1), sigma_vp = sigma * alpha, and lambda = log(alpha / sigma_vp).
+           The Euler samplers keep x in the variance-exploding scale x = x0 + sigma * eps and call
+           the model on x * alpha = x / sqrt(sigma^2 + 1), which is the usual x_t.
 
 Solvers:
   DDPM: ancestral sampling of Ho et al. 2020, "Denoising Diffusion Probabilistic Models".
   DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models" (eta = 0 is the deterministic ODE).
   DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", multistep second order, midpoint form.
-  Karras sigmas: Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
-    Models", noise levels evenly spaced in sigma^(1 / rho) with rho = 7.
+  Euler: Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma, in the
+    variance-exploding form of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+    Generative Models".
+  Euler ancestral: each step goes down to sigma_down by Euler's method and adds fresh noise of
+    standard deviation sigma_up, where sigma_up^2 + sigma_down^2 = sigma_next^2.
+  Karras sigmas: Karras et al. 2022, noise levels evenly spaced in sigma^(1 / rho) with rho = 7.
 
-The step functions reproduce diffusers 0.42's DDPMScheduler.step, DDIMScheduler.step and
-DPMSolverMultistepScheduler.step (algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
-on the same inputs; the tests compare them.
+The step functions reproduce diffusers 0.42's DDPMScheduler.step, DDIMScheduler.step,
+DPMSolverMultistepScheduler.step (algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"),
+EulerDiscreteScheduler.step (no churn) and EulerAncestralDiscreteScheduler.step on the same inputs;
+the tests compare them.
 """
 
 from __future__ import annotations
@@ -58,9 +67,9 @@ FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 _KARRAS_RHO = 7.0
 # Smallest variance of the DDPM posterior, as in diffusers, so that sqrt stays differentiable at t == 0.
 _MIN_POSTERIOR_VARIANCE = 1e-20
-# alpha_bar that DPM-Solver uses in place of an exact 0 (zero terminal SNR), as diffusers does, so that
-# sigma stays finite.
-_DPM_MIN_ALPHA_BAR = 2.0**-24
+# alpha_bar that the variance-exploding samplers (DPM-Solver, Euler) use in place of an exact 0 (zero
+# terminal SNR), as diffusers does, so that sigma stays finite.
+_MIN_ALPHA_BAR = 2.0**-24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,6 +542,26 @@ def dpmpp_2m_step(
     return x_next, new_history
 
 
+def _training_sigmas(schedule: NoiseSchedule) -> jax.Array:
+    """Return the variance-exploding sigma sqrt((1 - ab_t) / ab_t) of every training timestep, [T].
+
+    An alpha_bar of exactly 0 (zero terminal SNR) is replaced by 2**-24, as diffusers does.
+    """
+    alphas_cumprod = schedule.alphas_cumprod
+    alphas_cumprod = jnp.where(alphas_cumprod > 0, alphas_cumprod, _MIN_ALPHA_BAR)
+    return jnp.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def _karras_sigmas(sigma_min: jax.Array, sigma_max: jax.Array, num_steps: int) -> jax.Array:
+    """Return num_steps noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/7)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+    ramp = jnp.asarray(np.linspace(0.0, 1.0, num_steps), jnp.float32)
+    max_root = sigma_max ** (1.0 / _KARRAS_RHO)
+    min_root = sigma_min ** (1.0 / _KARRAS_RHO)
+    return (max_root + ramp * (min_root - max_root)) ** _KARRAS_RHO
+
+
 def _sigma_to_timestep(sigma: jax.Array, log_sigmas: jax.Array) -> jax.Array:
     """Invert sigma(t) by linear interpolation in log sigma, as diffusers' _sigma_to_t does."""
     log_sigma = jnp.log(jnp.maximum(sigma, 1e-10))
@@ -570,17 +599,10 @@ def make_dpm_solver_grid(
     """
     _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
     num_train_timesteps = schedule.num_train_timesteps
-    alphas_cumprod = schedule.alphas_cumprod
-    alphas_cumprod = jnp.where(alphas_cumprod > 0, alphas_cumprod, _DPM_MIN_ALPHA_BAR)
-    all_sigmas = jnp.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # [T], increasing in t.
+    all_sigmas = _training_sigmas(schedule)  # [T], increasing in t.
 
     if use_karras_sigmas:
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-        ramp = jnp.asarray(np.linspace(0.0, 1.0, num_steps), jnp.float32)
-        max_root = all_sigmas[-1] ** (1.0 / _KARRAS_RHO)
-        min_root = all_sigmas[0] ** (1.0 / _KARRAS_RHO)
-        sigmas = (max_root + ramp * (min_root - max_root)) ** _KARRAS_RHO
+        sigmas = _karras_sigmas(all_sigmas[0], all_sigmas[-1], num_steps)
         timesteps = jnp.round(_sigma_to_timestep(sigmas, jnp.log(all_sigmas))).astype(jnp.int32)
     else:
         timesteps_np = make_timesteps(
@@ -650,6 +672,240 @@ def dpmpp_2m_sample(
 
 
 # ----------------------------------------------------------------------------------------------
+# Euler and Euler ancestral.
+# ----------------------------------------------------------------------------------------------
+
+
+def make_euler_grid(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    use_karras_sigmas: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final_sigmas_type: str = "zero",
+) -> tuple[jax.Array, jax.Array]:
+    """Compute the Euler samplers' timesteps float32 [N] and variance-exploding sigmas float32 [N + 1].
+
+    Matches diffusers' EulerDiscreteScheduler.set_timesteps (interpolation_type="linear",
+    timestep_type="discrete") and EulerAncestralDiscreteScheduler.set_timesteps. "leading" and
+    "trailing" give make_timesteps' integer grids. "linspace" gives N evenly spaced points of
+    [0, T - 1] without rounding, unlike make_timesteps. sigma at a fractional timestep is
+    interpolated linearly between the training timesteps' sigmas.
+
+    With Karras sigmas, N levels are spaced evenly in sigma^(1/7) from the grid's largest sigma (or
+    sigma_max) down to its smallest (or sigma_min), so unlike DPM-Solver's Karras grid this one
+    depends on spacing. The timesteps are then the levels mapped back by interpolation in log
+    sigma, not rounded. The last sigma is 0 ("zero") or the schedule's smallest sigma ("sigma_min").
+
+    Raises:
+      ValueError: an option is invalid, or sigma_min or sigma_max is set without use_karras_sigmas
+        (diffusers ignores them then).
+    """
+    _check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    if not use_karras_sigmas and (sigma_min is not None or sigma_max is not None):
+        raise ValueError(
+            f"sigma_min={sigma_min} and sigma_max={sigma_max} only bound Karras sigmas; set "
+            "use_karras_sigmas=True or leave them None."
+        )
+    num_train_timesteps = schedule.num_train_timesteps
+    # make_timesteps also checks num_steps and steps_offset for every spacing.
+    timesteps_np = make_timesteps(num_train_timesteps, num_steps, spacing, steps_offset).astype(np.float32)
+    if spacing == "linspace":
+        timesteps_np = np.linspace(0, num_train_timesteps - 1, num_steps, dtype=np.float32)[::-1].copy()
+
+    all_sigmas = _training_sigmas(schedule)  # [T], increasing in t.
+    timesteps = jnp.asarray(timesteps_np)
+    sigmas = jnp.interp(timesteps, jnp.arange(num_train_timesteps, dtype=jnp.float32), all_sigmas)
+    if use_karras_sigmas:
+        low = sigmas[-1] if sigma_min is None else jnp.asarray(sigma_min, jnp.float32)
+        high = sigmas[0] if sigma_max is None else jnp.asarray(sigma_max, jnp.float32)
+        sigmas = _karras_sigmas(low, high, num_steps)
+        timesteps = _sigma_to_timestep(sigmas, jnp.log(all_sigmas))
+
+    final_sigma = jnp.zeros((), jnp.float32) if final_sigmas_type == "zero" else all_sigmas[0]
+    sigmas = jnp.concatenate([sigmas, final_sigma[None]])
+    return timesteps.astype(jnp.float32), sigmas.astype(jnp.float32)
+
+
+def euler_init_noise_sigma(sigmas: jax.Array, spacing: str) -> jax.Array:
+    """Return the standard deviation the Euler samplers scale unit noise x_T to, as a scalar.
+
+    The largest sigma for "linspace" and "trailing" grids and sqrt(sigma^2 + 1) of it for "leading",
+    as diffusers' init_noise_sigma does.
+    """
+    _check_choice("spacing", spacing, SPACINGS)
+    sigma_max = jnp.max(sigmas)
+    if spacing == "leading":
+        return jnp.sqrt(sigma_max**2 + 1.0)
+    return sigma_max
+
+
+def _euler_denoised(model_output: jax.Array, x: jax.Array, sigma: jax.Array, prediction_type: str) -> jax.Array:
+    """Estimate x0 from the model output on x / sqrt(sigma^2 + 1), for x in the variance-exploding scale."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return x - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / jnp.sqrt(sigma**2 + 1.0)) + x / (sigma**2 + 1.0)
+    return model_output
+
+
+def euler_step(
+    model_output: jax.Array,
+    x: jax.Array,
+    sigma: jax.Array,
+    sigma_next: jax.Array,
+    *,
+    prediction_type: str = "epsilon",
+) -> tuple[jax.Array, jax.Array]:
+    """Take one Euler step of dx/dsigma = (x - x0) / sigma from sigma to sigma_next (Karras et al. 2022).
+
+    x is in the variance-exploding scale and model_output is the model's output for
+    x / sqrt(sigma^2 + 1). sigma and sigma_next are scalars. Returns (x_next, x0).
+    """
+    # 1. Denoised estimate x0 = D(x; sigma).
+    x0 = _euler_denoised(model_output, x, sigma, prediction_type)
+    # 2. ODE derivative d = (x - x0) / sigma and the step of length sigma_next - sigma.
+    derivative = (x - x0) / sigma
+    return x + derivative * (sigma_next - sigma), x0
+
+
+def euler_ancestral_step(
+    model_output: jax.Array,
+    x: jax.Array,
+    sigma: jax.Array,
+    sigma_next: jax.Array,
+    noise: jax.Array,
+    *,
+    prediction_type: str = "epsilon",
+) -> tuple[jax.Array, jax.Array]:
+    """Take one ancestral Euler step from sigma to sigma_next with the given standard normal noise.
+
+    Symbols: sigma_up = sigma_next * sqrt(1 - sigma_next^2 / sigma^2) is the standard deviation of
+    the fresh noise, and sigma_down = sqrt(sigma_next^2 - sigma_up^2) the level the deterministic
+    Euler step goes to. Returns (x_next, x0); a step to sigma_next == 0 returns x0 and adds no noise.
+    """
+    # 1. Denoised estimate and the split of sigma_next into a deterministic and a noise part.
+    x0 = _euler_denoised(model_output, x, sigma, prediction_type)
+    sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
+    # 2. Euler step down to sigma_down, then noise up to sigma_next.
+    derivative = (x - x0) / sigma
+    x_next = x + derivative * (sigma_down - sigma) + noise * sigma_up
+    return x_next, x0
+
+
+def _euler_model_input(x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Scale the variance-exploding x to the model's x_t, as diffusers' scale_model_input does."""
+    return x / jnp.sqrt(sigma**2 + 1.0)
+
+
+def _float_timesteps(t: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.full((x.shape[0],), t, dtype=jnp.float32)
+
+
+def euler_sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x_T: jax.Array,
+    key: jax.Array | None = None,
+    cond: Any = None,
+    *,
+    num_steps: int,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    use_karras_sigmas: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final_sigmas_type: str = "zero",
+    prediction_type: str = "epsilon",
+) -> jax.Array:
+    """Sample with Euler's method (Karras et al. 2022) on make_euler_grid's noise levels.
+
+    Matches diffusers' EulerDiscreteScheduler without churn (s_churn=0, the pipelines' default),
+    which is SDXL's default scheduler. x_T is unit-variance noise: the sampler multiplies it by
+    euler_init_noise_sigma, so do not pre-scale it as diffusers pipelines do with
+    init_noise_sigma. model_fn gets x / sqrt(sigma^2 + 1) and float32 timesteps [B]. The solver is
+    deterministic, so key is unused (it may be None) and only there to keep the sampler contract.
+    With final_sigmas_type="sigma_min" the result keeps the noise of the schedule's smallest sigma,
+    in the variance-exploding scale, as diffusers returns it.
+
+    NOTE: classifier_guided_model_fn gathers alpha_bar at integer timesteps, so it does not accept
+    the float timesteps of this sampler.
+    """
+    del key  # Deterministic solver.
+    check_prediction_type(prediction_type)
+    timesteps, sigmas = make_euler_grid(
+        schedule,
+        num_steps,
+        spacing=spacing,
+        steps_offset=steps_offset,
+        use_karras_sigmas=use_karras_sigmas,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        final_sigmas_type=final_sigmas_type,
+    )
+    state_dtype = _state_dtype(x_T)
+    x = x_T.astype(state_dtype) * euler_init_noise_sigma(sigmas, spacing).astype(state_dtype)
+
+    def body(x, step_input):
+        t, sigma, sigma_next = step_input
+        model_output = model_fn(_euler_model_input(x, sigma), _float_timesteps(t, x), cond)
+        x_next, _ = euler_step(model_output, x, sigma, sigma_next, prediction_type=prediction_type)
+        return x_next.astype(x.dtype), None
+
+    x, _ = jax.lax.scan(body, x, (timesteps, sigmas[:-1], sigmas[1:]))
+    return x.astype(x_T.dtype)
+
+
+def euler_ancestral_sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x_T: jax.Array,
+    key: jax.Array,
+    cond: Any = None,
+    *,
+    num_steps: int,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    prediction_type: str = "epsilon",
+) -> jax.Array:
+    """Sample with ancestral Euler steps on make_euler_grid's noise levels (final sigma 0).
+
+    Matches diffusers' EulerAncestralDiscreteScheduler, which has no Karras sigmas. The input and
+    output conventions are euler_sample's: unit-variance x_T, float32 timesteps [B], model input
+    x / sqrt(sigma^2 + 1).
+
+    Raises:
+      ValueError: key is None (every step but the last draws noise), or an option is invalid.
+    """
+    if key is None:
+        raise ValueError(
+            "euler_ancestral_sample draws noise at every step; pass a PRNG key, e.g. jax.random.key(0)."
+        )
+    check_prediction_type(prediction_type)
+    timesteps, sigmas = make_euler_grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset)
+    state_dtype = _state_dtype(x_T)
+    x = x_T.astype(state_dtype) * euler_init_noise_sigma(sigmas, spacing).astype(state_dtype)
+
+    def body(x, step_input):
+        step, t, sigma, sigma_next = step_input
+        model_output = model_fn(_euler_model_input(x, sigma), _float_timesteps(t, x), cond)
+        noise = _step_noise(key, step, x)
+        x_next, _ = euler_ancestral_step(
+            model_output, x, sigma, sigma_next, noise, prediction_type=prediction_type
+        )
+        return x_next.astype(x.dtype), None
+
+    steps = np.arange(num_steps, dtype=np.int32)
+    x, _ = jax.lax.scan(body, x, (steps, timesteps, sigmas[:-1], sigmas[1:]))
+    return x.astype(x_T.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Dispatch.
 # ----------------------------------------------------------------------------------------------
 
@@ -657,6 +913,8 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpmpp_2m": dpmpp_2m_sample,
+    "euler": euler_sample,
+    "euler_ancestral": euler_ancestral_sample,
 }
 
 
@@ -676,7 +934,7 @@ def sample(
     cond: Any = None,
     **options: Any,
 ) -> jax.Array:
-    """Run the sampler registered under name ("ddpm", "ddim" or "dpmpp_2m") with the given options.
+    """Run the sampler registered under name (a key of SAMPLERS) with the given options.
 
     Raises:
       ValueError: name is unknown.

@@ -5,13 +5,17 @@ paths are diffusers' module paths, so `conversion.rules` converts checkpoints by
 config fields are diffusers' config.json keys. Inputs are channels-last.
 
 Axis letters: B batch, H height, W width, C channels, S context tokens, E context features
-(cross_attention_dim), T time-embedding features (4 * block_out_channels[0]).
+(cross_attention_dim), T time-embedding features (4 * block_out_channels[0]), P pooled text
+features, K micro-conditioning time ids (6 for SDXL base, 5 for the SDXL refiner).
 
-Supported: the SD 1.x and 2.x layouts (DownBlock2D, CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn,
-UpBlock2D, CrossAttnUpBlock2D), linear projections, per-block head counts and transformer depths,
-and class-label conditioning through `num_class_embeds`. Not supported: SDXL's added
-embeddings (addition_embed_type), other class-embedding types, attention masks and ControlNet
-residuals; `from_diffusers` rejects configs that need them.
+Supported: the SD 1.x, 2.x and XL layouts (DownBlock2D, CrossAttnDownBlock2D,
+UNetMidBlock2DCrossAttn, UpBlock2D, CrossAttnUpBlock2D), linear projections, per-block head counts,
+per-block and per-layer transformer depths with `reverse_transformer_layers_per_block`
+(asymmetric U-Nets such as distilled SDXL variants), SDXL's added conditioning
+(addition_embed_type="text_time": pooled text embeddings plus sinusoidal time ids), and
+class-label conditioning through `num_class_embeds`. Not supported: the other addition_embed_type
+values ("text", "text_image", "image", "image_hint"), other class-embedding types, attention masks
+and ControlNet residuals. `from_diffusers` rejects configs that need them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from jaxgen.models.unet_blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
     DownBlock2D,
+    TransformerLayers,
     UNetMidBlock2DCrossAttn,
     UpBlock2D,
 )
@@ -43,6 +48,7 @@ DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
 RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # diffusers UNet2DConditionModel config keys that this model does not implement, with the
 # diffusers default under which they change nothing. `from_diffusers` accepts them only at
@@ -50,13 +56,10 @@ RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 UNSUPPORTED_DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "mid_block_scale_factor": 1,
     "dropout": 0.0,
-    "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional",
@@ -66,15 +69,32 @@ UNSUPPORTED_DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
+    # Only read by addition_embed_type="text", which is not supported.
     "addition_embed_type_num_heads": 64,
 }
 
 PerBlockInt = int | tuple[int, ...]
+# Transformer depth per block: one int for all blocks, or one entry per block that is an int or a
+# tuple with one depth per layer of that block.
+PerBlockDepth = int | tuple[TransformerLayers, ...]
+
+
+def _to_tuples(value: Any) -> Any:
+    """Turn lists, also nested ones, into tuples (config.json stores tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_to_tuples(item) for item in value)
+    return value
+
+
+def _to_lists(value: Any) -> Any:
+    """Turn tuples, also nested ones, into lists, the form diffusers writes to config.json."""
+    if isinstance(value, (list, tuple)):
+        return [_to_lists(item) for item in value]
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,19 +131,23 @@ class UNet2DConditionConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 1280
-    transformer_layers_per_block: PerBlockInt = 1
+    transformer_layers_per_block: PerBlockDepth = 1
+    reverse_transformer_layers_per_block: tuple[TransformerLayers, ...] | None = None
     attention_head_dim: PerBlockInt = 8
     num_attention_heads: PerBlockInt | None = None
     use_linear_projection: bool = False
     num_class_embeds: int | None = None
     upcast_attention: bool = False
     resnet_time_scale_shift: str = "default"
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, list):
-                object.__setattr__(self, field.name, tuple(value))
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, field.name, _to_tuples(value))
         self._validate()
 
     # ----- per-block views ---------------------------------------------------------------
@@ -146,8 +170,30 @@ class UNet2DConditionConfig:
         return self._per_block("layers_per_block")
 
     @property
-    def transformer_layers_per_down_block(self) -> tuple[int, ...]:
-        return self._per_block("transformer_layers_per_block")
+    def transformer_layers_per_down_block(self) -> tuple[TransformerLayers, ...]:
+        """Transformer depth of each down block: an int, or a tuple with one depth per layer."""
+        value = self.transformer_layers_per_block
+        return (value,) * self.num_blocks if isinstance(value, int) else tuple(value)
+
+    @property
+    def transformer_layers_per_up_block(self) -> tuple[TransformerLayers, ...]:
+        """Transformer depth of each up block, deepest block first.
+
+        reverse_transformer_layers_per_block when set, else the down blocks' depths in reverse.
+        """
+        if self.reverse_transformer_layers_per_block is not None:
+            return tuple(self.reverse_transformer_layers_per_block)
+        return self.transformer_layers_per_down_block[::-1]
+
+    @property
+    def mid_block_transformer_layers(self) -> int:
+        """Transformer depth of the mid block's single transformer.
+
+        diffusers passes the last down block's depth to the mid block, which takes the first entry
+        when that depth is given per layer.
+        """
+        depth = self.transformer_layers_per_down_block[-1]
+        return depth if isinstance(depth, int) else depth[0]
 
     @property
     def time_embed_dim(self) -> int:
@@ -216,9 +262,12 @@ class UNet2DConditionConfig:
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries but there are {n} down blocks; give one per block.")
-            values = self._per_block(name)
-            if not all(isinstance(v, int) and v > 0 for v in values):
+        for name in ("layers_per_block", "attention_head_dim"):
+            value = getattr(self, name)
+            if not all(_is_positive_int(v) for v in self._per_block(name)):
                 raise ValueError(f"{name} must be a positive int or a tuple of them, got {value!r}.")
+        self._validate_transformer_layers()
+        self._validate_added_conditioning()
 
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups != 0:
@@ -232,6 +281,57 @@ class UNet2DConditionConfig:
                     f"Block {i} has {channels} channels, not divisible by its {heads} attention heads "
                     "(attention_head_dim); pick a head count that divides the channel count."
                 )
+
+    def _validate_transformer_layers(self) -> None:
+        n = self.num_blocks
+        down_depths = self.transformer_layers_per_block
+        _check_block_depths(
+            "transformer_layers_per_block", down_depths, self.transformer_layers_per_down_block,
+            self.layers_per_down_block,
+        )
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is None:
+            if any(isinstance(depth, tuple) for depth in self.transformer_layers_per_down_block):
+                raise ValueError(
+                    f"transformer_layers_per_block={down_depths!r} gives per-layer depths, so the up blocks "
+                    "need their own: set reverse_transformer_layers_per_block (as diffusers requires)."
+                )
+            return
+        if not isinstance(reverse, tuple) or len(reverse) != n:
+            raise ValueError(
+                f"reverse_transformer_layers_per_block must have one entry per up block ({n}), got {reverse!r}."
+            )
+        # Up block i mirrors down block n-1-i and has one layer more.
+        up_layers = tuple(layers + 1 for layers in self.layers_per_down_block[::-1])
+        _check_block_depths("reverse_transformer_layers_per_block", reverse, reverse, up_layers)
+
+    def _validate_added_conditioning(self) -> None:
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(
+                f"Unsupported addition_embed_type {self.addition_embed_type!r}; use None or 'text_time' "
+                "(SDXL's pooled text embeddings plus time ids)."
+            )
+        sizes = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        if self.addition_embed_type is None:
+            for name in sizes:
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is only used with addition_embed_type='text_time'; "
+                        "set it to None or set addition_embed_type."
+                    )
+            return
+        for name in sizes:
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(
+                    f"addition_embed_type='text_time' needs {name} as a positive int, got {getattr(self, name)!r}."
+                )
+        if self.projection_class_embeddings_input_dim <= self.addition_time_embed_dim:
+            raise ValueError(
+                f"projection_class_embeddings_input_dim={self.projection_class_embeddings_input_dim} leaves no "
+                f"room for the pooled text embeddings next to time ids of addition_time_embed_dim="
+                f"{self.addition_time_embed_dim}; it must be P + K * addition_time_embed_dim for P pooled "
+                "features and K time ids."
+            )
 
     # ----- diffusers config.json ---------------------------------------------------------
 
@@ -249,7 +349,7 @@ class UNet2DConditionConfig:
             if key.startswith("_"):
                 continue
             if key in fields:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
+                kwargs[key] = _to_tuples(value)
             elif key in UNSUPPORTED_DIFFUSERS_DEFAULTS:
                 default = UNSUPPORTED_DIFFUSERS_DEFAULTS[key]
                 if value != default:
@@ -269,9 +369,29 @@ class UNet2DConditionConfig:
         """Return a config.json dict that diffusers' UNet2DConditionModel accepts."""
         config: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            config[field.name] = list(value) if isinstance(value, tuple) else value
+            config[field.name] = _to_lists(getattr(self, field.name))
         return config
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_block_depths(
+    name: str, value: Any, depths: tuple[Any, ...], layers_per_block: tuple[int, ...]
+) -> None:
+    """Check transformer depths: a positive int per block, or a tuple with one per layer of the block."""
+    for i, (depth, layers) in enumerate(zip(depths, layers_per_block)):
+        if isinstance(depth, tuple):
+            if len(depth) != layers or not all(_is_positive_int(d) for d in depth):
+                raise ValueError(
+                    f"{name} entry {i} is {depth!r}, but block {i} has {layers} layers; give {layers} "
+                    "positive ints or a single positive int."
+                )
+        elif not _is_positive_int(depth):
+            raise ValueError(
+                f"{name} must be a positive int, or per block an int or a tuple of per-layer ints, got {value!r}."
+            )
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -312,6 +432,20 @@ class UNet2DConditionModel(nnx.Module):
             self.class_embedding = nnx.Embed(config.num_class_embeds, config.time_embed_dim, rngs=rngs)
         else:
             self.class_embedding = None
+        if config.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(
+                config.addition_time_embed_dim,
+                flip_sin_to_cos=config.flip_sin_to_cos,
+                downscale_freq_shift=config.freq_shift,
+            )
+            # diffusers builds this MLP with its default SiLU and ignores act_fn here.
+            self.add_embedding = TimestepEmbedding(
+                config.projection_class_embeddings_input_dim, config.time_embed_dim, act_fn="silu", dtype=dtype,
+                rngs=rngs,
+            )
+        else:
+            self.add_time_proj = None
+            self.add_embedding = None
 
         self.down_blocks = nnx.List([])
         out_ch = channels[0]
@@ -339,7 +473,7 @@ class UNet2DConditionModel(nnx.Module):
         if config.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(
                 channels[-1],
-                transformer_layers=config.transformer_layers_per_down_block[-1],
+                transformer_layers=config.mid_block_transformer_layers,
                 heads=config.heads_per_block[-1],
                 settings=settings,
                 rngs=rngs,
@@ -351,7 +485,7 @@ class UNet2DConditionModel(nnx.Module):
         reversed_channels = channels[::-1]
         reversed_heads = config.heads_per_block[::-1]
         reversed_layers = config.layers_per_down_block[::-1]
-        reversed_transformer_layers = config.transformer_layers_per_down_block[::-1]
+        reversed_transformer_layers = config.transformer_layers_per_up_block
         self.up_blocks = nnx.List([])
         out_ch = reversed_channels[0]
         for i, block_type in enumerate(config.up_block_types):
@@ -387,6 +521,9 @@ class UNet2DConditionModel(nnx.Module):
         timestep: jax.Array | int | float,
         encoder_hidden_states: jax.Array | None = None,
         class_labels: jax.Array | None = None,
+        *,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Predict the model output (noise, v or x0, as trained) for a noisy sample.
 
@@ -400,6 +537,12 @@ class UNet2DConditionModel(nnx.Module):
                 rejected otherwise. Concrete out-of-range labels raise a ValueError. Under jit the
                 values cannot be checked, so an out-of-range label turns that sample's output into
                 NaN instead of silently reading a clamped embedding row.
+            text_embeds: pooled text embeddings [B, P], diffusers' added_cond_kwargs["text_embeds"];
+                required when addition_embed_type is "text_time", rejected otherwise.
+            time_ids: micro-conditioning values [B, K], diffusers' added_cond_kwargs["time_ids"]
+                (SDXL base: original height and width, crop top and left, target height and width);
+                required with text_embeds. P + K * addition_time_embed_dim must equal
+                projection_class_embeddings_input_dim.
 
         Returns:
             [B, H, W, out_channels] in the dtype of `sample`.
@@ -408,6 +551,7 @@ class UNet2DConditionModel(nnx.Module):
         timesteps = self._broadcast_timestep(timestep, batch)
         self._check_context(encoder_hidden_states, batch)
         self._check_class_labels(class_labels, batch)
+        self._check_added_conditioning(text_embeds, time_ids, batch)
         config = self.config
 
         if config.center_input_sample:
@@ -419,6 +563,8 @@ class UNet2DConditionModel(nnx.Module):
             valid = (labels >= 0) & (labels < config.num_class_embeds)
             class_emb = self.class_embedding(jnp.where(valid, labels, 0))
             emb = emb + jnp.where(valid[:, None], class_emb, jnp.nan)
+        if self.add_embedding is not None:
+            emb = emb + self._added_embedding(text_embeds, time_ids)
 
         h = self.conv_in(sample)
         skips: tuple[jax.Array, ...] = (h,)
@@ -436,6 +582,14 @@ class UNet2DConditionModel(nnx.Module):
 
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))
         return h.astype(sample.dtype)
+
+    def _added_embedding(self, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
+        """Embed SDXL's added conditioning: [text_embeds, sinusoids of each time id] through an MLP."""
+        batch = text_embeds.shape[0]
+        time_embeds = self.add_time_proj(jnp.asarray(time_ids).reshape(-1))  # [B * K, addition_time_embed_dim]
+        time_embeds = time_embeds.reshape(batch, -1)  # [B, K * addition_time_embed_dim]
+        added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), time_embeds], axis=-1)
+        return self.add_embedding(added)  # [B, T]
 
     # ----- input checks ------------------------------------------------------------------
 
@@ -500,6 +654,46 @@ class UNet2DConditionModel(nnx.Module):
             raise ValueError(
                 f"encoder_hidden_states has last dim {shape[-1]}, but the model expects cross_attention_dim="
                 f"{config.cross_attention_dim}; project the context to that width or change the config."
+            )
+
+    def _check_added_conditioning(
+        self, text_embeds: jax.Array | None, time_ids: jax.Array | None, batch: int
+    ) -> None:
+        config = self.config
+        if config.addition_embed_type is None:
+            for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+                if value is not None:
+                    raise ValueError(
+                        f"{name} was passed, but the model has no added conditioning (addition_embed_type is "
+                        "None); drop the argument or use an addition_embed_type='text_time' config."
+                    )
+            return
+        for name, value, shape in (("text_embeds", text_embeds, "[B, P]"), ("time_ids", time_ids, "[B, K]")):
+            if value is None:
+                raise ValueError(
+                    f"{name} is required because addition_embed_type='text_time'; pass a {shape} array "
+                    "(diffusers' added_cond_kwargs) as a keyword argument."
+                )
+        shapes = {}
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            value = value if hasattr(value, "shape") else np.asarray(value)
+            shape = tuple(value.shape)
+            if len(shape) != 2:
+                raise ValueError(f"{name} must be a 2-D [B, features] array, got shape {shape}.")
+            if shape[0] != batch:
+                raise ValueError(f"{name} has batch {shape[0]}, but sample has batch {batch}.")
+            if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+                raise TypeError(f"{name} must be an int or float array, got dtype {value.dtype}.")
+            shapes[name] = shape
+        pooled = shapes["text_embeds"][1]
+        num_ids = shapes["time_ids"][1]
+        width = pooled + num_ids * config.addition_time_embed_dim
+        if width != config.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds [B, {pooled}] and time_ids [B, {num_ids}] give {pooled} + {num_ids} * "
+                f"{config.addition_time_embed_dim} (addition_time_embed_dim) = {width} features, but "
+                f"projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim}; "
+                "check the pooled text width and the number of time ids."
             )
 
     def _check_class_labels(self, class_labels: jax.Array | None, batch: int) -> None:

@@ -20,12 +20,18 @@ from jaxgen.models.transformer_2d import Transformer2DModel
 
 __all__ = [
     "BlockSettings",
+    "TransformerLayers",
     "CrossAttnDownBlock2D",
     "CrossAttnUpBlock2D",
     "DownBlock2D",
     "UNetMidBlock2DCrossAttn",
     "UpBlock2D",
 ]
+
+
+# Transformer depth of a cross-attention block: one depth for every layer of the block, or one
+# depth per layer (diffusers' nested transformer_layers_per_block lists).
+TransformerLayers = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,18 @@ def _resnet(in_channels: int, out_channels: int, settings: BlockSettings, rngs: 
         dtype=settings.dtype,
         rngs=rngs,
     )
+
+
+def _per_layer(transformer_layers: TransformerLayers, num_layers: int) -> tuple[int, ...]:
+    """Expand a block's transformer depth to one depth per layer."""
+    if isinstance(transformer_layers, int):
+        return (transformer_layers,) * num_layers
+    if len(transformer_layers) != num_layers:
+        raise ValueError(
+            f"The block has {num_layers} layers but {len(transformer_layers)} transformer depths "
+            f"{tuple(transformer_layers)}; give one depth per layer or a single int."
+        )
+    return tuple(transformer_layers)
 
 
 def _transformer(
@@ -121,18 +139,19 @@ class CrossAttnDownBlock2D(nnx.Module):
         out_channels: int,
         *,
         num_layers: int,
-        transformer_layers: int,
+        transformer_layers: TransformerLayers,
         heads: int,
         add_downsample: bool,
         downsample_padding: int,
         settings: BlockSettings,
         rngs: nnx.Rngs,
     ):
+        depths = _per_layer(transformer_layers, num_layers)
         self.resnets = nnx.List([])
         self.attentions = nnx.List([])
         for i in range(num_layers):
             self.resnets.append(_resnet(in_channels if i == 0 else out_channels, out_channels, settings, rngs))
-            self.attentions.append(_transformer(out_channels, heads, transformer_layers, settings, rngs))
+            self.attentions.append(_transformer(out_channels, heads, depths[i], settings, rngs))
         self.downsamplers = _downsamplers(out_channels, add_downsample, downsample_padding, settings, rngs)
 
     def __call__(
@@ -166,16 +185,17 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         self,
         channels: int,
         *,
-        transformer_layers: int,
+        transformer_layers: TransformerLayers,
         heads: int,
         settings: BlockSettings,
         rngs: nnx.Rngs,
         num_layers: int = 1,
     ):
+        depths = _per_layer(transformer_layers, num_layers)
         self.resnets = nnx.List([_resnet(channels, channels, settings, rngs)])
         self.attentions = nnx.List([])
-        for _ in range(num_layers):
-            self.attentions.append(_transformer(channels, heads, transformer_layers, settings, rngs))
+        for i in range(num_layers):
+            self.attentions.append(_transformer(channels, heads, depths[i], settings, rngs))
             self.resnets.append(_resnet(channels, channels, settings, rngs))
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -236,18 +256,19 @@ class CrossAttnUpBlock2D(nnx.Module):
         out_channels: int,
         *,
         num_layers: int,
-        transformer_layers: int,
+        transformer_layers: TransformerLayers,
         heads: int,
         add_upsample: bool,
         settings: BlockSettings,
         rngs: nnx.Rngs,
     ):
+        depths = _per_layer(transformer_layers, num_layers)
         self.resnets = nnx.List([])
         self.attentions = nnx.List([])
         for i in range(num_layers):
             resnet_in = _up_resnet_in_channels(i, num_layers, in_channels, prev_output_channels, out_channels)
             self.resnets.append(_resnet(resnet_in, out_channels, settings, rngs))
-            self.attentions.append(_transformer(out_channels, heads, transformer_layers, settings, rngs))
+            self.attentions.append(_transformer(out_channels, heads, depths[i], settings, rngs))
         self.upsamplers = _upsamplers(out_channels, add_upsample, settings, rngs)
 
     def __call__(
