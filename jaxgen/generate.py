@@ -4,8 +4,8 @@
       --steps 30 --guidance 7.5 --seed 0 --height 512 --width 512 --out image.png
 
 Several --prompt options generate a batch (one image file per prompt: image.png, image_1.png, ...).
---init-image with --strength runs image-to-image. The scheduler comes from the folder's scheduler/
-subfolder. Exit status: 0 on success, 2 for invalid arguments or an unusable model folder.
+--init-image with --strength runs image-to-image, and --lora applies a LoRA file. The scheduler comes from
+the folder's scheduler/ subfolder. Exit status: 0 on success, 2 for invalid arguments or an unusable model folder.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8")
     parser.add_argument("--init-image", default=None, help="image file for image-to-image, resized to the output size")
     parser.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
+    parser.add_argument("--lora", action="append", default=[],
+                        help="LoRA file or folder (diffusers/peft or kohya safetensors) to apply; repeatable")
     parser.add_argument("--out", default="image.png", help="output PNG path")
     return parser.parse_args(argv)
 
@@ -64,6 +66,10 @@ def main(argv=None) -> int:
     folder = pathlib.Path(args.model)
     try:
         pipeline = pipeline_class(folder).from_pretrained(folder)
+        for lora in args.lora:
+            result = pipeline.load_lora_weights(lora)
+            adapted = sum(len(paths) for paths in result.adapted.values())
+            print(f"loaded LoRA {lora}: {adapted} layers adapted")
     except (PipelineFolderError, FileNotFoundError, CheckpointMismatchError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

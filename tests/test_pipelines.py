@@ -39,9 +39,11 @@ def initial_latents(batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 8, 8, 4)).astype(np.float32)
 
 
-def diffusers_images(pipeline_class, folder, latents: np.ndarray, **kwargs) -> np.ndarray:
+def diffusers_images(pipeline_class, folder, latents: np.ndarray, *, lora=None, **kwargs) -> np.ndarray:
     reference = pipeline_class.from_pretrained(folder, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
+    if lora is not None:
+        reference.load_lora_weights(str(lora))
     with torch.no_grad():
         result = reference(
             prompt=PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), num_inference_steps=20, guidance_scale=7.5,
@@ -142,3 +144,42 @@ def test_generate_cli_bad_folder_exit_code(tmp_path, compile_cache):
                         jaxgen_env(compile_cache), check=False)
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_lora_file_changes_both_pipelines_alike(sd_folder, tmp_path):
+    pytest.importorskip("peft")
+    import jax
+    from flax import nnx
+
+    from conversion.lora_io import save_lora_weights
+    from jaxgen.lora import apply_lora, lora_modules
+
+    source = StableDiffusion.from_pretrained(sd_folder)
+    apply_lora(source.unet, rank=4, alpha=8, rngs=nnx.Rngs(0))
+    for index, layer in enumerate(lora_modules(source.unet).values()):
+        layer.lora_B.set_value(0.5 * jax.random.normal(jax.random.key(index), layer.lora_B.get_value().shape))
+    save_lora_weights(tmp_path / "lora", {"unet": source.unet})
+
+    latents = initial_latents(len(PROMPTS), seed=3)
+    expected = diffusers_images(diffusers.StableDiffusionPipeline, sd_folder, latents, lora=tmp_path / "lora")
+    pipeline = StableDiffusion.from_pretrained(sd_folder)
+    settings = dict(num_inference_steps=20, guidance_scale=7.5, height=64, width=64, latents=latents)
+    plain = pipeline(PROMPTS, NEGATIVE, **settings)
+    result = pipeline.load_lora_weights(tmp_path / "lora")
+    adapted = pipeline(PROMPTS, NEGATIVE, **settings)
+    assert len(result.adapted["unet"]) == len(lora_modules(source.unet))
+    np.testing.assert_allclose(adapted, expected, rtol=0, atol=PIXEL_ATOL)
+    assert np.abs(adapted - plain).max() > 10 * PIXEL_ATOL  # the LoRA changes the images
+
+
+def test_lora_file_matching_nothing_rejected(sd_folder, tmp_path):
+    from safetensors.numpy import save_file
+
+    from conversion.lora_io import LoRAFileError
+
+    save_file({"unet.no_such_block.to_q.lora_A.weight": np.zeros((4, 8), np.float32),
+               "unet.no_such_block.to_q.lora_B.weight": np.zeros((8, 4), np.float32)},
+              tmp_path / "pytorch_lora_weights.safetensors")
+    pipeline = StableDiffusion.from_pretrained(sd_folder)
+    with pytest.raises(LoRAFileError, match="no_such_block"):
+        pipeline.load_lora_weights(tmp_path)

@@ -121,6 +121,26 @@ class _Pipeline:
         )
         return cls(parts, folder=folder, index=index)
 
+    # ----- LoRA ----------------------------------------------------------------------------------
+
+    def lora_components(self) -> dict[str, nnx.Module]:
+        """Return the models a LoRA file may adapt, under the component names of diffusers' LoRA files."""
+        names = ("text_encoder", "text_encoder_2")
+        return {"unet": self.unet, **dict(zip(names, self.text_encoders))}
+
+    def load_lora_weights(self, path: str | pathlib.Path, *, merge: bool = False):
+        """Load a diffusers/peft or kohya LoRA file into the U-Net and text encoders, in place.
+
+        With merge=False the adapters stay separate LoRALinear layers; merge=True folds them into the base
+        weights (needed for kohya adapters on 1x1 convolutions). Raises conversion.lora_io.LoRAFileError when
+        the file's keys match no layer. Returns conversion.lora_io.LoRALoadResult.
+        """
+        from conversion.lora_io import load_lora_weights
+
+        result = load_lora_weights(path, self.lora_components(), merge=merge)
+        self._compiled.clear()  # the module structure changed, so every compiled program is stale
+        return result
+
     # ----- prompts -----------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, ...]:
