@@ -40,6 +40,7 @@ from jaxgen.diffusion.samplers import (
     euler_sample,
     euler_step,
     make_euler_grid,
+    start_sample,
 )
 
 T = 1000
@@ -898,3 +899,297 @@ def test_dpm_rejects_unknown_final_sigmas_type(schedule):
         dpmpp_2m_sample(
             dummy_model_jax, schedule, initial_noise(), None, num_steps=10, final_sigmas_type="min"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting part-way through the grid (image-to-image) against diffusers' img2img loop.
+# ----------------------------------------------------------------------------------------------
+
+# Loops of 5 to 17 steps that start from noised clean samples. Measured differences were below 2e-6 on
+# values up to about 5.5, so 1e-5 leaves room for other CPUs and XLA versions.
+IMG2IMG_ATOL = 1e-5
+IMG2IMG_RTOL = 1e-5
+IMG2IMG_STEPS = 20
+SAMPLER_NAMES = ["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]
+
+
+def img2img_start_step(num_steps, strength):
+    """Return the first grid step that diffusers' StableDiffusionImg2ImgPipeline runs for strength."""
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
+def clean_latents(seed=30):
+    return 0.5 * initial_noise(seed)
+
+
+def diffusers_img2img_start(reference, num_steps, start_step, x0, noise):
+    """Set up reference as diffusers' img2img pipelines do and return (timesteps to run, noised x0)."""
+    reference.set_timesteps(num_steps)
+    begin = start_step * reference.order
+    timesteps = reference.timesteps[begin:]
+    if hasattr(reference, "set_begin_index"):
+        reference.set_begin_index(begin)
+    return timesteps, reference.add_noise(to_torch(x0), to_torch(noise), timesteps[:1])
+
+
+def fold_in_noise(monkeypatch, module, key, step):
+    """Make module's randn_tensor return normal(fold_in(key, step["index"])), the samplers' step noise."""
+
+    def sampler_noise(shape, **kwargs):
+        del kwargs
+        return to_torch(jax.random.normal(jax.random.fold_in(key, step["index"]), tuple(shape)))
+
+    monkeypatch.setattr(module, "randn_tensor", sampler_noise)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+@pytest.mark.parametrize("spacing, eta", [("leading", 0.0), ("trailing", 0.0), ("leading", 0.5)])
+def test_ddim_img2img_matches_diffusers(schedule, strength, spacing, eta):
+    start_step = img2img_start_step(IMG2IMG_STEPS, strength)
+    key = jax.random.key(31)
+    x0, noise = clean_latents(), initial_noise(32)
+    reference = make_reference(DDIMScheduler, schedule, timestep_spacing=spacing, clip_sample=False)
+    timesteps, x = diffusers_img2img_start(reference, IMG2IMG_STEPS, start_step, x0, noise)
+    for i, t in enumerate(timesteps, start=start_step):
+        # The noise of grid step i is keyed by i, counted from the start of the full grid.
+        variance_noise = None if eta == 0 else to_torch(jax.random.normal(jax.random.fold_in(key, i), SHAPE))
+        output = dummy_model_torch(x, t)
+        x = reference.step(output, int(t), x, eta=eta, variance_noise=variance_noise).prev_sample
+
+    options = {"num_steps": IMG2IMG_STEPS, "spacing": spacing, "eta": eta}
+    x_start = start_sample("ddim", schedule, x0, noise, start_step=start_step, **options)
+    ours = ddim_sample(dummy_model_jax, schedule, x_start, key, start_step=start_step, **options)
+    np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=IMG2IMG_RTOL, atol=IMG2IMG_ATOL)
+
+
+@pytest.mark.parametrize(
+    "use_karras_sigmas, prediction_type, num_steps, final_sigmas_type, strength",
+    [
+        (False, "epsilon", 20, "zero", 0.75),
+        (True, "epsilon", 20, "zero", 0.6),
+        (True, "v_prediction", 20, "zero", 0.3),
+        # Below 15 steps lower_order_final counts the whole grid, not the steps that run.
+        (False, "epsilon", 10, "sigma_min", 0.5),
+    ],
+)
+def test_dpmpp_2m_img2img_matches_diffusers(
+    schedule, use_karras_sigmas, prediction_type, num_steps, final_sigmas_type, strength
+):
+    start_step = img2img_start_step(num_steps, strength)
+    x0, noise = clean_latents(), initial_noise(33)
+    reference = _dpm_reference(schedule, prediction_type, use_karras_sigmas, final_sigmas_type)
+    timesteps, x = diffusers_img2img_start(reference, num_steps, start_step, x0, noise)
+    for t in timesteps:
+        x = reference.step(dummy_model_torch(x, t), t, x).prev_sample
+
+    options = {
+        "num_steps": num_steps,
+        "use_karras_sigmas": use_karras_sigmas,
+        "prediction_type": prediction_type,
+        "final_sigmas_type": final_sigmas_type,
+    }
+    x_start = start_sample("dpmpp_2m", schedule, x0, noise, start_step=start_step, **options)
+    ours = dpmpp_2m_sample(dummy_model_jax, schedule, x_start, None, start_step=start_step, **options)
+    np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=IMG2IMG_RTOL, atol=IMG2IMG_ATOL)
+
+
+@pytest.mark.parametrize(
+    "spacing, steps_offset, use_karras_sigmas, prediction_type, strength",
+    [
+        ("leading", 1, False, "epsilon", 0.75),  # SDXL's scheduler config.
+        ("linspace", 0, False, "v_prediction", 0.5),  # Fractional timesteps reach the model.
+        ("leading", 1, True, "epsilon", 0.3),
+    ],
+)
+def test_euler_img2img_matches_diffusers(spacing, steps_offset, use_karras_sigmas, prediction_type, strength):
+    schedule = make_schedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    start_step = img2img_start_step(IMG2IMG_STEPS, strength)
+    x0, noise = clean_latents(), initial_noise(34)
+    reference = make_reference(EulerDiscreteScheduler, schedule,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+        use_karras_sigmas=use_karras_sigmas,
+        prediction_type=prediction_type,
+    )
+    timesteps, x = diffusers_img2img_start(reference, IMG2IMG_STEPS, start_step, x0, noise)
+    for t in timesteps:
+        x = reference.step(dummy_model_torch(reference.scale_model_input(x, t), t), t, x).prev_sample
+
+    options = {
+        "num_steps": IMG2IMG_STEPS,
+        "spacing": spacing,
+        "steps_offset": steps_offset,
+        "use_karras_sigmas": use_karras_sigmas,
+        "prediction_type": prediction_type,
+    }
+    x_start = start_sample("euler", schedule, x0, noise, start_step=start_step, **options)
+    ours = euler_sample(dummy_model_jax, schedule, x_start, None, start_step=start_step, **options)
+    np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=IMG2IMG_RTOL, atol=IMG2IMG_ATOL)
+
+
+def test_euler_ancestral_img2img_matches_diffusers(monkeypatch, schedule):
+    start_step = img2img_start_step(IMG2IMG_STEPS, 0.6)
+    key = jax.random.key(35)
+    step = {"index": 0}
+    fold_in_noise(monkeypatch, scheduling_euler_ancestral_discrete, key, step)
+    x0, noise = clean_latents(), initial_noise(36)
+    reference = make_reference(
+        EulerAncestralDiscreteScheduler, schedule, timestep_spacing="leading", steps_offset=1
+    )
+    timesteps, x = diffusers_img2img_start(reference, IMG2IMG_STEPS, start_step, x0, noise)
+    for i, t in enumerate(timesteps, start=start_step):
+        step["index"] = i
+        x = reference.step(dummy_model_torch(reference.scale_model_input(x, t), t), t, x).prev_sample
+
+    options = {"num_steps": IMG2IMG_STEPS, "spacing": "leading", "steps_offset": 1}
+    x_start = start_sample("euler_ancestral", schedule, x0, noise, start_step=start_step, **options)
+    ours = euler_ancestral_sample(dummy_model_jax, schedule, x_start, key, start_step=start_step, **options)
+    np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=IMG2IMG_RTOL, atol=IMG2IMG_ATOL)
+
+
+def test_ddpm_img2img_matches_diffusers(monkeypatch, schedule):
+    num_steps = 25
+    start_step = img2img_start_step(num_steps, 0.5)
+    key = jax.random.key(37)
+    step = {"index": 0}
+    fold_in_noise(monkeypatch, scheduling_ddpm, key, step)
+    x0, noise = clean_latents(), initial_noise(38)
+    reference = make_reference(DDPMScheduler, schedule, clip_sample=False)
+    timesteps, x = diffusers_img2img_start(reference, num_steps, start_step, x0, noise)
+    for i, t in enumerate(timesteps, start=start_step):
+        step["index"] = i
+        x = reference.step(dummy_model_torch(x, t), int(t), x).prev_sample
+
+    x_start = start_sample("ddpm", schedule, x0, noise, start_step=start_step, num_steps=num_steps)
+    ours = ddpm_sample(dummy_model_jax, schedule, x_start, key, num_steps=num_steps, start_step=start_step)
+    np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=IMG2IMG_RTOL, atol=IMG2IMG_ATOL)
+
+
+def test_start_sample_matches_add_noise_levels(schedule):
+    # Direct check of the noised start state, including a Karras level between training timesteps.
+    x0, noise = clean_latents(), initial_noise(39)
+    start_step = 7
+    for name, scheduler_class, config in [
+        ("ddim", DDIMScheduler, {}),
+        ("dpmpp_2m", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        ("euler", EulerDiscreteScheduler, {"timestep_spacing": "leading", "steps_offset": 1}),
+    ]:
+        reference = make_reference(scheduler_class, schedule, **config)
+        _, expected = diffusers_img2img_start(reference, IMG2IMG_STEPS, start_step, x0, noise)
+        jaxgen_names = {"timestep_spacing": "spacing"}
+        renamed = {jaxgen_names.get(option, option): value for option, value in config.items()}
+        ours = start_sample(
+            name, schedule, x0, noise, start_step=start_step, num_steps=IMG2IMG_STEPS, **renamed
+        )
+        np.testing.assert_allclose(
+            np.asarray(ours), expected.numpy(), rtol=STEP_RTOL, atol=STEP_ATOL, err_msg=f"sampler {name}"
+        )
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_start_step_zero_changes_nothing(schedule, name):
+    x_T, key = initial_noise(40), jax.random.key(41)
+    options = {"num_steps": 8}
+    plain = sample(name, dummy_model_jax, schedule, x_T, key, **options)
+    explicit = sample(name, dummy_model_jax, schedule, x_T, key, start_step=0, **options)
+    np.testing.assert_array_equal(np.asarray(explicit), np.asarray(plain))
+
+    # start_sample at step 0 returns the unit noise, so the img2img call sequence is plain sampling.
+    x_start = start_sample(name, schedule, clean_latents(), x_T, start_step=0, **options)
+    np.testing.assert_array_equal(np.asarray(x_start), np.asarray(x_T))
+    through_start = sample(name, dummy_model_jax, schedule, x_start, key, start_step=0, **options)
+    np.testing.assert_array_equal(np.asarray(through_start), np.asarray(plain))
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_start_step_skips_model_calls(schedule, name):
+    seen = []
+
+    def recording_model(x, t, cond):
+        del cond
+        jax.debug.callback(lambda t: seen.append(np.asarray(t)[0]), t)
+        return dummy_model_jax(x, t)
+
+    num_steps, start_step = 10, 6
+    options = {"num_steps": num_steps, "start_step": start_step}
+    x_start = start_sample(name, schedule, clean_latents(), initial_noise(42), **options)
+    sample(name, recording_model, schedule, x_start, jax.random.key(0), **options)
+    jax.effects_barrier()
+    assert len(seen) == num_steps - start_step
+    if name in ("euler", "euler_ancestral"):
+        expected, _ = make_euler_grid(schedule, num_steps)
+    elif name == "dpmpp_2m":
+        expected, _ = make_dpm_solver_grid(schedule, num_steps)
+    else:
+        expected = make_timesteps(T, num_steps)
+    np.testing.assert_allclose(np.asarray(seen), np.asarray(expected)[start_step:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "sampler, options",
+    [
+        (ddpm_sample, {"num_steps": 10}),
+        (ddim_sample, {"num_steps": 10, "eta": 0.5}),
+        (dpmpp_2m_sample, {"num_steps": 10, "use_karras_sigmas": True}),
+        (euler_sample, {"num_steps": 10, "spacing": "leading", "steps_offset": 1}),
+        (euler_ancestral_sample, {"num_steps": 10}),
+    ],
+)
+def test_jitted_start_step_does_not_recompile(sampler, options):
+    traces = {"count": 0}
+
+    def counting_model(x, t, cond):
+        traces["count"] += 1
+        return dummy_model_jax(x, t) + cond[:, None, None, None]
+
+    name = sampler.__name__.removesuffix("_sample")
+    start = jax.jit(functools.partial(start_sample, name, start_step=4, **options))
+    run = jax.jit(functools.partial(sampler, counting_model, start_step=4, **options))
+    cond = jnp.zeros((SHAPE[0],))
+    results = []
+    for seed, schedule in enumerate(
+        [make_schedule("linear"), make_schedule("scaled_linear", beta_start=0.00085, beta_end=0.012)]
+    ):
+        x_start = start(schedule, clean_latents(43 + seed), initial_noise(45 + seed))
+        results.append(run(schedule, x_start, jax.random.key(seed), cond + seed))
+    assert traces["count"] == 1
+    assert start._cache_size() == 1
+    assert float(jnp.max(jnp.abs(results[0] - results[1]))) > 1e-3
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@pytest.mark.parametrize("start_step", [-1, 5])
+def test_start_step_out_of_range_raises(schedule, name, start_step):
+    with pytest.raises(ValueError, match=rf"start_step={start_step} is outside \[0, 5\)"):
+        sample(
+            name, dummy_model_jax, schedule, initial_noise(), jax.random.key(0), num_steps=5, start_step=start_step
+        )
+    with pytest.raises(ValueError, match=rf"start_step={start_step} is outside \[0, 5\)"):
+        start_sample(name, schedule, clean_latents(), initial_noise(), start_step=start_step, num_steps=5)
+
+
+def test_ddpm_full_chain_start_step_range(schedule):
+    with pytest.raises(ValueError, match=r"outside \[0, 1000\)"):
+        start_sample("ddpm", schedule, clean_latents(), initial_noise(), start_step=1000)
+
+
+@pytest.mark.parametrize("start_step", [2.0, True, jnp.int32(2)])
+def test_start_step_must_be_python_int(schedule, start_step):
+    with pytest.raises(TypeError, match="start_step must be a Python int"):
+        ddim_sample(dummy_model_jax, schedule, initial_noise(), None, num_steps=5, start_step=start_step)
+
+
+def test_start_sample_rejects_shape_mismatch(schedule):
+    with pytest.raises(ValueError, match=r"x0 has shape \(2, 3, 3, 2\) but noise has shape \(1, 3, 3, 2\)"):
+        noise = initial_noise(shape=(1, 3, 3, 2))
+        start_sample("ddim", schedule, clean_latents(), noise, start_step=1, num_steps=5)
+
+
+def test_start_sample_rejects_unknown_option(schedule):
+    with pytest.raises(TypeError, match="did you mean 'num_steps'"):
+        start_sample("euler", schedule, clean_latents(), initial_noise(), start_step=1, num_step=5)
+
+
+def test_start_sample_requires_num_steps(schedule):
+    with pytest.raises(TypeError, match="missing option.*num_steps"):
+        start_sample("dpmpp_2m", schedule, clean_latents(), initial_noise(), start_step=1)

@@ -13,6 +13,14 @@ The loop state is float32 (float64 for float64 input) and the result is cast bac
 Samplers that add noise draw step i's noise as ``jax.random.normal(jax.random.fold_in(key, i),
 x_T.shape, state_dtype)``.
 
+Starting part-way (image-to-image): every sampler takes a static ``start_step`` in [0, N) and runs
+only grid steps start_step, ..., N - 1, as diffusers' img2img pipelines do with
+``timesteps[start_step:]`` and ``set_begin_index(start_step)``. With start_step > 0, x_T is not unit
+noise but the sample at grid step start_step in the sampler's own scale, and no sampler rescales it
+(the Euler samplers skip their init_noise_sigma factor). ``start_sample`` builds that x_T from clean
+latents and unit noise. Step i keeps its noise key fold_in(key, i) with i counted from the start of
+the full grid, and DPM-Solver's multistep history starts empty at start_step.
+
 Shapes and symbols:
   B        batch size; x has shape [B, ...], images [B, H, W, C].
   T        number of training timesteps; t in [0, T) is an int32 timestep.
@@ -189,6 +197,19 @@ def _step_noise(key: jax.Array, step: jax.Array, x: jax.Array) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(key, step), x.shape, dtype=x.dtype)
 
 
+def _check_start_step(start_step: Any, num_steps: int) -> None:
+    """Reject a start_step that is not a Python int in [0, num_steps)."""
+    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)):
+        raise TypeError(
+            f"start_step must be a Python int (it sets the loop length, so it is static), got {start_step!r}."
+        )
+    if not 0 <= start_step < num_steps:
+        raise ValueError(
+            f"start_step={start_step} is outside [0, {num_steps}); with {num_steps} sampling steps use 0 to "
+            f"{num_steps - 1}, where 0 runs the whole grid."
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # DDPM.
 # ----------------------------------------------------------------------------------------------
@@ -259,23 +280,25 @@ def ddpm_sample(
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
     variance_type: str = "fixed_small",
+    start_step: int = 0,
 ) -> jax.Array:
     """Sample with ancestral DDPM (Ho et al. 2020), by default over the full chain T-1, ..., 0.
 
     num_steps=None runs all T steps. A smaller num_steps runs a shortened chain on the timesteps of
     make_timesteps(T, num_steps, spacing, steps_offset), as diffusers' DDPMScheduler does.
+    start_step > 0 skips the first grid steps, and x_T is then x_t at t = timesteps[start_step] (see
+    start_sample).
 
     Raises:
       ValueError: key is None (DDPM draws noise at every step), or an option is invalid.
+      TypeError: start_step is not a Python int.
     """
     if key is None:
         raise ValueError("ddpm_sample draws noise at every step; pass a PRNG key, e.g. jax.random.key(0).")
     check_prediction_type(prediction_type)
     _check_choice("variance_type", variance_type, VARIANCE_TYPES)
-    num_train_timesteps = schedule.num_train_timesteps
-    timesteps = make_timesteps(
-        num_train_timesteps, num_train_timesteps if num_steps is None else num_steps, spacing, steps_offset
-    )
+    timesteps = _ddpm_timesteps(schedule, num_steps, spacing, steps_offset)
+    _check_start_step(start_step, len(timesteps))
     prev_timesteps = _previous_timesteps(timesteps)
     x = x_T.astype(_state_dtype(x_T))
 
@@ -297,8 +320,19 @@ def ddpm_sample(
         return x_prev.astype(x.dtype), None
 
     steps = np.arange(len(timesteps), dtype=np.int32)
-    x, _ = jax.lax.scan(body, x, (steps, timesteps, prev_timesteps))
+    scan_inputs = (steps[start_step:], timesteps[start_step:], prev_timesteps[start_step:])
+    x, _ = jax.lax.scan(body, x, scan_inputs)
     return x.astype(x_T.dtype)
+
+
+def _ddpm_timesteps(
+    schedule: NoiseSchedule, num_steps: int | None, spacing: str, steps_offset: int
+) -> np.ndarray:
+    """Return ddpm_sample's grid, where num_steps=None means all T training timesteps."""
+    num_train_timesteps = schedule.num_train_timesteps
+    return make_timesteps(
+        num_train_timesteps, num_train_timesteps if num_steps is None else num_steps, spacing, steps_offset
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,15 +415,19 @@ def ddim_sample(
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
     set_alpha_to_one: bool = True,
+    start_step: int = 0,
 ) -> jax.Array:
     """Sample with DDIM (Song et al. 2021) over num_steps timesteps from make_timesteps.
 
     Each step moves to the next timestep of the grid. diffusers' DDIMScheduler instead moves to
     t - T // N, which is the same grid for "leading" and for "trailing" when N divides T, and differs
     for "linspace". With eta == 0 the result does not depend on key, which may then be None.
+    start_step > 0 skips the first grid steps, and x_T is then x_t at t = timesteps[start_step] (see
+    start_sample).
 
     Raises:
       ValueError: eta is not a concrete 0 and key is None, or an option is invalid.
+      TypeError: start_step is not a Python int.
     """
     check_prediction_type(prediction_type)
     _check_eta(eta)
@@ -397,6 +435,7 @@ def ddim_sample(
     if key is None and not deterministic:
         raise ValueError(f"ddim_sample with eta={eta} draws noise; pass a PRNG key or set eta=0.")
     timesteps = make_timesteps(schedule.num_train_timesteps, num_steps, spacing, steps_offset)
+    _check_start_step(start_step, num_steps)
     prev_timesteps = _previous_timesteps(timesteps)
     x = x_T.astype(_state_dtype(x_T))
 
@@ -419,7 +458,8 @@ def ddim_sample(
         return x_prev.astype(x.dtype), None
 
     steps = np.arange(len(timesteps), dtype=np.int32)
-    x, _ = jax.lax.scan(body, x, (steps, timesteps, prev_timesteps))
+    scan_inputs = (steps[start_step:], timesteps[start_step:], prev_timesteps[start_step:])
+    x, _ = jax.lax.scan(body, x, scan_inputs)
     return x.astype(x_T.dtype)
 
 
@@ -630,13 +670,21 @@ def dpmpp_2m_sample(
     prediction_type: str = "epsilon",
     lower_order_final: bool = True,
     final_sigmas_type: str = "zero",
+    start_step: int = 0,
 ) -> jax.Array:
     """Sample with DPM-Solver++(2M) (Lu et al. 2022) on make_dpm_solver_grid's noise levels.
 
     Matches diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
     solver_type="midpoint"). The solver is deterministic, so key is unused (it may be None) and only
     there to keep the sampler contract. The last step is first order when final_sigmas_type is
-    "zero", or when lower_order_final is set and num_steps < 15 (the diffusers rule).
+    "zero", or when lower_order_final is set and num_steps < 15 (the diffusers rule, which counts
+    the whole grid even when start_step > 0). start_step > 0 skips the first grid steps. x_T is then
+    the sample at noise level sigmas[start_step] (see start_sample), and the first step run is first
+    order because the history starts empty, as in diffusers after set_begin_index.
+
+    Raises:
+      ValueError: an option is invalid.
+      TypeError: start_step is not a Python int.
     """
     del key  # Deterministic solver.
     check_prediction_type(prediction_type)
@@ -648,6 +696,7 @@ def dpmpp_2m_sample(
         use_karras_sigmas=use_karras_sigmas,
         final_sigmas_type=final_sigmas_type,
     )
+    _check_start_step(start_step, num_steps)
     lower_order = np.zeros(num_steps, dtype=bool)
     lower_order[-1] = lower_order_final and num_steps < 15
     x = x_T.astype(_state_dtype(x_T))
@@ -667,7 +716,10 @@ def dpmpp_2m_sample(
         )
         return (x_next.astype(x.dtype), history), None
 
-    (x, _), _ = jax.lax.scan(body, (x, dpmpp_2m_init(x)), (timesteps, sigmas[:-1], sigmas[1:], lower_order))
+    scan_inputs = (
+        timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :], lower_order[start_step:]
+    )
+    (x, _), _ = jax.lax.scan(body, (x, dpmpp_2m_init(x)), scan_inputs)
     return x.astype(x_T.dtype)
 
 
@@ -807,6 +859,15 @@ def _float_timesteps(t: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.full((x.shape[0],), t, dtype=jnp.float32)
 
 
+def _euler_initial_state(x_T: jax.Array, sigmas: jax.Array, spacing: str, start_step: int) -> jax.Array:
+    """Scale unit noise x_T by euler_init_noise_sigma, or take x_T as it is when start_step > 0."""
+    state_dtype = _state_dtype(x_T)
+    x = x_T.astype(state_dtype)
+    if start_step > 0:
+        return x  # start_sample already put x_T at sigmas[start_step] in the variance-exploding scale.
+    return x * euler_init_noise_sigma(sigmas, spacing).astype(state_dtype)
+
+
 def euler_sample(
     model_fn: ModelFn,
     schedule: NoiseSchedule,
@@ -822,6 +883,7 @@ def euler_sample(
     sigma_max: float | None = None,
     final_sigmas_type: str = "zero",
     prediction_type: str = "epsilon",
+    start_step: int = 0,
 ) -> jax.Array:
     """Sample with Euler's method (Karras et al. 2022) on make_euler_grid's noise levels.
 
@@ -833,8 +895,16 @@ def euler_sample(
     With final_sigmas_type="sigma_min" the result keeps the noise of the schedule's smallest sigma,
     in the variance-exploding scale, as diffusers returns it.
 
+    start_step > 0 skips the first grid steps. x_T is then already in the variance-exploding scale,
+    x0 + sigmas[start_step] * noise as start_sample returns it, and is not multiplied by
+    euler_init_noise_sigma.
+
     NOTE: classifier_guided_model_fn gathers alpha_bar at integer timesteps, so it does not accept
     the float timesteps of this sampler.
+
+    Raises:
+      ValueError: an option is invalid.
+      TypeError: start_step is not a Python int.
     """
     del key  # Deterministic solver.
     check_prediction_type(prediction_type)
@@ -848,8 +918,8 @@ def euler_sample(
         sigma_max=sigma_max,
         final_sigmas_type=final_sigmas_type,
     )
-    state_dtype = _state_dtype(x_T)
-    x = x_T.astype(state_dtype) * euler_init_noise_sigma(sigmas, spacing).astype(state_dtype)
+    _check_start_step(start_step, num_steps)
+    x = _euler_initial_state(x_T, sigmas, spacing, start_step)
 
     def body(x, step_input):
         t, sigma, sigma_next = step_input
@@ -857,7 +927,7 @@ def euler_sample(
         x_next, _ = euler_step(model_output, x, sigma, sigma_next, prediction_type=prediction_type)
         return x_next.astype(x.dtype), None
 
-    x, _ = jax.lax.scan(body, x, (timesteps, sigmas[:-1], sigmas[1:]))
+    x, _ = jax.lax.scan(body, x, (timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :]))
     return x.astype(x_T.dtype)
 
 
@@ -872,15 +942,18 @@ def euler_ancestral_sample(
     spacing: str = "linspace",
     steps_offset: int = 0,
     prediction_type: str = "epsilon",
+    start_step: int = 0,
 ) -> jax.Array:
     """Sample with ancestral Euler steps on make_euler_grid's noise levels (final sigma 0).
 
     Matches diffusers' EulerAncestralDiscreteScheduler, which has no Karras sigmas. The input and
     output conventions are euler_sample's: unit-variance x_T, float32 timesteps [B], model input
-    x / sqrt(sigma^2 + 1).
+    x / sqrt(sigma^2 + 1), and with start_step > 0 an x_T in the variance-exploding scale that is
+    not rescaled.
 
     Raises:
       ValueError: key is None (every step but the last draws noise), or an option is invalid.
+      TypeError: start_step is not a Python int.
     """
     if key is None:
         raise ValueError(
@@ -888,8 +961,8 @@ def euler_ancestral_sample(
         )
     check_prediction_type(prediction_type)
     timesteps, sigmas = make_euler_grid(schedule, num_steps, spacing=spacing, steps_offset=steps_offset)
-    state_dtype = _state_dtype(x_T)
-    x = x_T.astype(state_dtype) * euler_init_noise_sigma(sigmas, spacing).astype(state_dtype)
+    _check_start_step(start_step, num_steps)
+    x = _euler_initial_state(x_T, sigmas, spacing, start_step)
 
     def body(x, step_input):
         step, t, sigma, sigma_next = step_input
@@ -901,7 +974,10 @@ def euler_ancestral_sample(
         return x_next.astype(x.dtype), None
 
     steps = np.arange(num_steps, dtype=np.int32)
-    x, _ = jax.lax.scan(body, x, (steps, timesteps, sigmas[:-1], sigmas[1:]))
+    scan_inputs = (
+        steps[start_step:], timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :]
+    )
+    x, _ = jax.lax.scan(body, x, scan_inputs)
     return x.astype(x_T.dtype)
 
 
@@ -925,6 +1001,20 @@ def sampler_options(name: str) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    """Reject options that are not keyword-only options of the named sampler, naming close matches."""
+    valid = sampler_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        hints = []
+        for option in unknown:
+            close = difflib.get_close_matches(option, valid, n=1)
+            hints.append(f"{option!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"Sampler {name!r} got unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid)}."
+        )
+
+
 def sample(
     name: str,
     model_fn: ModelFn,
@@ -940,14 +1030,137 @@ def sample(
       ValueError: name is unknown.
       TypeError: an option is not one of the sampler's keyword-only options.
     """
-    valid = sampler_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        hints = []
-        for option in unknown:
-            close = difflib.get_close_matches(option, valid, n=1)
-            hints.append(f"{option!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise TypeError(
-            f"Sampler {name!r} got unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid)}."
-        )
+    _check_options(name, options)
     return SAMPLERS[name](model_fn, schedule, x_T, key, cond, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting part-way through the grid (image-to-image).
+# ----------------------------------------------------------------------------------------------
+
+
+def _variance_preserving_levels(
+    timesteps: np.ndarray, schedule: NoiseSchedule
+) -> tuple[jax.Array, jax.Array]:
+    alpha_bar = schedule.alphas_cumprod[timesteps]
+    return jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+
+
+def _ddpm_levels(schedule: NoiseSchedule, settings: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    timesteps = _ddpm_timesteps(
+        schedule, settings["num_steps"], settings["spacing"], settings["steps_offset"]
+    )
+    return _variance_preserving_levels(timesteps, schedule)
+
+
+def _ddim_levels(schedule: NoiseSchedule, settings: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    timesteps = make_timesteps(
+        schedule.num_train_timesteps, settings["num_steps"], settings["spacing"], settings["steps_offset"]
+    )
+    return _variance_preserving_levels(timesteps, schedule)
+
+
+def _dpmpp_2m_levels(schedule: NoiseSchedule, settings: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    # The grid's own sigmas, so that Karras levels between training timesteps are matched exactly.
+    _, sigmas = make_dpm_solver_grid(
+        schedule,
+        settings["num_steps"],
+        spacing=settings["spacing"],
+        steps_offset=settings["steps_offset"],
+        use_karras_sigmas=settings["use_karras_sigmas"],
+        final_sigmas_type=settings["final_sigmas_type"],
+    )
+    return _vp_alpha_sigma(sigmas[:-1])
+
+
+def _euler_levels(schedule: NoiseSchedule, settings: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    _, sigmas = make_euler_grid(
+        schedule,
+        settings["num_steps"],
+        spacing=settings["spacing"],
+        steps_offset=settings["steps_offset"],
+        use_karras_sigmas=settings["use_karras_sigmas"],
+        sigma_min=settings["sigma_min"],
+        sigma_max=settings["sigma_max"],
+        final_sigmas_type=settings["final_sigmas_type"],
+    )
+    return jnp.ones_like(sigmas[:-1]), sigmas[:-1]
+
+
+def _euler_ancestral_levels(schedule: NoiseSchedule, settings: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    _, sigmas = make_euler_grid(
+        schedule, settings["num_steps"], spacing=settings["spacing"], steps_offset=settings["steps_offset"]
+    )
+    return jnp.ones_like(sigmas[:-1]), sigmas[:-1]
+
+
+# For each sampler: the scales (signal [N], noise [N]) of x0 and unit noise in the sampler's state at
+# each grid step, computed from the sampler's options.
+_START_LEVELS: dict[str, Callable[[NoiseSchedule, dict[str, Any]], tuple[jax.Array, jax.Array]]] = {
+    "ddpm": _ddpm_levels,
+    "ddim": _ddim_levels,
+    "dpmpp_2m": _dpmpp_2m_levels,
+    "euler": _euler_levels,
+    "euler_ancestral": _euler_ancestral_levels,
+}
+
+
+def _sampler_settings(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Merge options over the named sampler's keyword-only defaults."""
+    parameters = inspect.signature(SAMPLERS[name]).parameters.values()
+    settings = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    settings.update(options)
+    missing = [option for option, value in settings.items() if value is inspect.Parameter.empty]
+    if missing:
+        raise TypeError(f"start_sample for sampler {name!r} is missing option(s) {', '.join(missing)}.")
+    return settings
+
+
+def start_sample(
+    name: str,
+    schedule: NoiseSchedule,
+    x0: jax.Array,
+    noise: jax.Array,
+    *,
+    start_step: int,
+    **options: Any,
+) -> jax.Array:
+    """Noise clean samples x0 to grid step start_step of the named sampler, returning its x_T.
+
+    Pass the result as x_T to the same sampler with the same options and start_step. For start_step
+    > 0 this is what diffusers' add_noise returns at the first timestep an img2img pipeline runs:
+      ddpm, ddim:       sqrt(ab_t) x0 + sqrt(1 - ab_t) noise at t = timesteps[start_step].
+      dpmpp_2m:         alpha x0 + sigma_vp noise at the grid level sigmas[start_step], which is
+                        the same for integer grids and also covers Karras levels.
+      euler, euler_ancestral: x0 + sigmas[start_step] noise, in the variance-exploding scale.
+    For start_step == 0 it returns noise unchanged, because the samplers then start from unit noise
+    and scale it themselves, so start_step == 0 reproduces plain sampling and x0 has no effect.
+    NOTE: diffusers' img2img pipelines at strength 1 (start_step 0) still noise the image to the
+    first timestep, which keeps sqrt(ab_t) x0 (about 0.07 x0 for Stable Diffusion's schedule).
+
+    x0 and noise have the same shape [B, ...]. options are the sampler's keyword-only options (those
+    that do not set the grid, such as eta, are accepted and unused). The result has x0 and noise's
+    promoted dtype.
+
+    Raises:
+      ValueError: name is unknown, x0 and noise differ in shape, start_step is outside
+        [0, num_steps), or an option is invalid.
+      TypeError: an option is unknown or missing (num_steps for most samplers), or start_step is
+        not a Python int.
+    """
+    _check_options(name, options)
+    x0 = jnp.asarray(x0)
+    noise = jnp.asarray(noise)
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 has shape {x0.shape} but noise has shape {noise.shape}; pass equal shapes.")
+    signal_scales, noise_scales = _START_LEVELS[name](schedule, _sampler_settings(name, options))
+    _check_start_step(start_step, signal_scales.shape[0])
+
+    dtype = jnp.result_type(x0, noise)
+    if start_step == 0:
+        return noise.astype(dtype)
+    state_dtype = jnp.promote_types(dtype, jnp.float32)
+    signal_scale = signal_scales[start_step].astype(state_dtype)
+    noise_scale = noise_scales[start_step].astype(state_dtype)
+    x_start = signal_scale * x0.astype(state_dtype) + noise_scale * noise.astype(state_dtype)
+    return x_start.astype(dtype)
