@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
                         help="how the sampling timesteps are spread over the training timesteps "
                              "(default: the sampler's own, leading for DDIM and linspace for DPM-Solver++)")
+    parser.add_argument("--no-clip-sample", dest="clip_sample", action="store_false",
+                        help="do not clip each step's x0 estimate to [-1, 1] (clipping is on by default)")
     parser.add_argument("--guidance", type=_finite_float, default=3.0,
                         help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided")
     parser.add_argument("--classifier", default=None, help="run folder of a noise-aware classifier")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     sample_config = SampleConfig(sampler=args.sampler, num_steps=args.steps, eta=args.eta, spacing=args.spacing,
+                                 clip_sample=args.clip_sample,
                                  guidance_scale=args.guidance)
     schedule = sampling.schedule_from_config(config)
     size = config.data.image_size

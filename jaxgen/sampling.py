@@ -66,14 +66,15 @@ def check_classifier_matches(model_config: Config, classifier_config: Config) ->
 def sampler_options(sample: SampleConfig) -> dict[str, Any]:
     """Return the keyword options of `samplers.sample` that a SampleConfig sets for its sampler."""
     spacing = {} if sample.spacing is None else {"spacing": sample.spacing}
+    clip = {"clip_sample": sample.clip_sample}
     if sample.sampler == "ddpm":
-        return {}
+        return clip
     if sample.sampler == "ddim":
-        return {"num_steps": sample.num_steps, "eta": sample.eta, **spacing}
+        return {"num_steps": sample.num_steps, "eta": sample.eta, **spacing, **clip}
     if sample.sampler == "dpmpp_2m":
-        return {"num_steps": sample.num_steps, **spacing}
+        return {"num_steps": sample.num_steps, **spacing, **clip}
     if sample.sampler == "dpmpp_2m_karras":
-        return {"num_steps": sample.num_steps, "use_karras_sigmas": True, **spacing}
+        return {"num_steps": sample.num_steps, "use_karras_sigmas": True, **spacing, **clip}
     raise ValueError(
         f"unknown sampler {sample.sampler!r}; choose one of 'ddpm', 'ddim', 'dpmpp_2m', 'dpmpp_2m_karras'"
     )

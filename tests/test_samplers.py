@@ -369,6 +369,22 @@ def test_dpmpp_2m_sample_matches_diffusers_loop(
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=LOOP_RTOL, atol=LOOP_ATOL)
 
 
+def test_dpmpp_2m_clip_sample_matches_thresholding(schedule):
+    # diffusers' dynamic thresholding with sample_max_value=1.0 clamps its threshold to 1, which is clipping.
+    reference = make_reference(DPMSolverMultistepScheduler, schedule, algorithm_type="dpmsolver++",
+                               solver_order=2, solver_type="midpoint", timestep_spacing="linspace",
+                               thresholding=True, sample_max_value=1.0)
+    reference.set_timesteps(20)
+    x_T = 3.0 * initial_noise(21)  # large enough that the data predictions leave [-1, 1]
+    x = to_torch(x_T)
+    for t in reference.timesteps:
+        x = reference.step(dummy_model_torch(x, t), t, x).prev_sample
+    clipped = dpmpp_2m_sample(dummy_model_jax, schedule, x_T, None, num_steps=20, clip_sample=True)
+    unclipped = dpmpp_2m_sample(dummy_model_jax, schedule, x_T, None, num_steps=20)
+    np.testing.assert_allclose(np.asarray(clipped), x.numpy(), rtol=LOOP_RTOL, atol=LOOP_ATOL)
+    assert np.abs(np.asarray(clipped) - np.asarray(unclipped)).max() > 1e-2
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_zero_terminal_snr_matches_diffusers_loop(sampler):
     # Zero terminal SNR (alpha_bar_999 == 0) with v-prediction and "trailing" spacing, the setup that

@@ -542,6 +542,7 @@ def dpmpp_2m_step(
     *,
     prediction_type: str = "epsilon",
     lower_order: bool | jax.Array = False,
+    clip_sample: bool = False,
 ) -> tuple[jax.Array, DPMSolverHistory]:
     """Take one DPM-Solver++(2M) step from noise level sigma to sigma_next (Lu et al. 2022).
 
@@ -552,6 +553,9 @@ def dpmpp_2m_step(
 
     Symbols: m0, m1 are the data predictions now and at the previous step; h = lambda_next - lambda,
     r = (lambda - lambda_prev) / h and D1 = (m0 - m1) / r.
+
+    clip_sample clips the data prediction to [-1, 1]. diffusers has no such flag for this solver; its
+    dynamic thresholding with sample_max_value=1.0 gives the same result.
     """
     check_prediction_type(prediction_type)
 
@@ -564,6 +568,8 @@ def dpmpp_2m_step(
 
     # 2. Data prediction m0 (DPM-Solver++ integrates in x0 space).
     m0, _ = convert_prediction(model_output, x, alpha, sigma_vp, prediction_type=prediction_type)
+    if clip_sample:
+        m0 = jnp.clip(m0, -1.0, 1.0)
 
     # 3. Second-order difference D1 from the previous data prediction, where it is used.
     use_second_order = (history.num_stored > 0) & jnp.logical_not(lower_order) & (sigma_next > 0)
@@ -670,6 +676,7 @@ def dpmpp_2m_sample(
     prediction_type: str = "epsilon",
     lower_order_final: bool = True,
     final_sigmas_type: str = "zero",
+    clip_sample: bool = False,
     start_step: int = 0,
 ) -> jax.Array:
     """Sample with DPM-Solver++(2M) (Lu et al. 2022) on make_dpm_solver_grid's noise levels.
@@ -680,7 +687,8 @@ def dpmpp_2m_sample(
     "zero", or when lower_order_final is set and num_steps < 15 (the diffusers rule, which counts
     the whole grid even when start_step > 0). start_step > 0 skips the first grid steps. x_T is then
     the sample at noise level sigmas[start_step] (see start_sample), and the first step run is first
-    order because the history starts empty, as in diffusers after set_begin_index.
+    order because the history starts empty, as in diffusers after set_begin_index. clip_sample clips
+    each step's data prediction to [-1, 1] (see dpmpp_2m_step).
 
     Raises:
       ValueError: an option is invalid.
@@ -713,6 +721,7 @@ def dpmpp_2m_sample(
             history,
             prediction_type=prediction_type,
             lower_order=force_first_order,
+            clip_sample=clip_sample,
         )
         return (x_next.astype(x.dtype), history), None
 
