@@ -53,22 +53,23 @@ def measure(args: argparse.Namespace) -> dict:
     state = trainer.TrainState(step=jnp.int32(0), params=params, ema_params=jax.tree.map(jnp.copy, params),
                                opt_state=tx.init(params))
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    step_fn = jax.jit(trainer.make_train_step(task, graphdef, rest, tx, 0.999), donate_argnums=0)
+    rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
+    step_fn = jax.jit(trainer.make_train_step(task, graphdef, tx, 0.999), donate_argnums=0)
     loader = BatchLoader(train_data, config.data.batch_size, seed=0)
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     batches = [{k: jax.device_put(v, sharding) for k, v in next(loader).items()} for _ in range(8)]
     key = jax.random.PRNGKey(0)
 
     started = time.perf_counter()
-    state, out = step_fn(state, batches[0], key)
+    state, out = step_fn(state, rest, batches[0], key)
     jax.block_until_ready(out)
     compile_seconds = time.perf_counter() - started
     for i in range(args.warmup):
-        state, out = step_fn(state, batches[i % 8], jax.random.fold_in(key, i))
+        state, out = step_fn(state, rest, batches[i % 8], jax.random.fold_in(key, i))
     jax.block_until_ready(out)
     started = time.perf_counter()
     for i in range(args.steps):
-        state, out = step_fn(state, batches[i % 8], jax.random.fold_in(key, i))
+        state, out = step_fn(state, rest, batches[i % 8], jax.random.fold_in(key, i))
     jax.block_until_ready(out)
     seconds = time.perf_counter() - started
     stats = jax.devices()[0].memory_stats() or {}

@@ -9,10 +9,16 @@ jitted step, and evaluates or samples from the EMA weights at intervals. Tasks a
 | `diffusion` | LabelConditionedUNet | ε/v/x0 MSE on q(x_t | x_0) with label dropout for classifier-free guidance |
 | `classifier` | DigitClassifier | cross-entropy on clean images (the scorer of generated samples) |
 | `noisy_classifier` | NoisyClassifier | cross-entropy on noised images x_t at random t (for classifier guidance) |
+| `text_to_image_lora` | LoRA adapters on a Stable Diffusion or SDXL U-Net | ε/v MSE on VAE latents with caption dropout (in `jaxgen.tasks_text_to_image`) |
+| `vae` | AutoencoderKL, optionally with a PatchGAN discriminator | L1/MSE + KL, optional LPIPS and hinge GAN loss (in `jaxgen.tasks_vae`) |
+
+A task also names which model variables the trainer differentiates, optimises and checkpoints (`trainable`,
+nnx.Param unless a task overrides it), loads its data and builds its batch loader.
 """
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 from typing import Any
 
@@ -25,6 +31,7 @@ from flax import nnx
 from jaxgen import images as image_io
 from jaxgen import sampling
 from jaxgen.config import Config
+from jaxgen.data import BatchLoader, load_digits_split
 from jaxgen.diffusion import forward, guidance
 from jaxgen.models.classifier import DigitClassifier, DigitClassifierConfig, NoisyClassifier, NoisyClassifierConfig
 from jaxgen.models.label_unet import LabelConditionedUNet
@@ -37,6 +44,9 @@ class Task:
     """Base class: a model, its loss and its periodic checks. Subclasses fill in the three methods."""
 
     model_config_type: type = object
+    # The variables the trainer differentiates, optimises, averages and checkpoints. The rest of the model
+    # state is passed to the train step unchanged.
+    trainable: nnx.filterlib.Filter = nnx.Param
 
     def __init__(self, config: Config, held_out: dict[str, np.ndarray]):
         if not isinstance(config.model, self.model_config_type):
@@ -46,6 +56,19 @@ class Task:
             )
         self.config = config
         self.held_out = held_out
+
+    @classmethod
+    def load_data(cls, config: Config) -> tuple[Any, dict[str, np.ndarray]]:
+        """Return (training data for `make_loader`, held-out data for the constructor), by default the digits."""
+        if config.data.name != "digits":
+            raise ValueError(f"unknown data set {config.data.name!r}; the available one is 'digits'")
+        train = load_digits_split(config.data.data_dir, "train", image_size=config.data.image_size)
+        test = load_digits_split(config.data.data_dir, "test", image_size=config.data.image_size)
+        return {"image": train[0], "label": train[1]}, {"image": test[0], "label": test[1]}
+
+    def make_loader(self, train_data: Any) -> BatchLoader:
+        """Return an endless, resumable batch iterator with `state()` and `restore(state)` over `train_data`."""
+        return BatchLoader(train_data, self.config.data.batch_size, seed=self.config.data.seed)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError
@@ -60,6 +83,14 @@ class Task:
     def write_samples(self, graphdef: nnx.GraphDef, rest: nnx.State, params: nnx.State, step: int,
                       workdir: pathlib.Path) -> pathlib.Path | None:
         """Write a sample grid for `step` and return its path; None when the task draws no samples."""
+        return None
+
+    def export(self, graphdef: nnx.GraphDef, rest: nnx.State, params: nnx.State, step: int,
+               workdir: pathlib.Path) -> pathlib.Path | None:
+        """Write the trained weights in a format other tools read, after each checkpoint; None when nothing is written.
+
+        `params` are the EMA weights of the `trainable` variables and `rest` the other model state.
+        """
         return None
 
 
@@ -178,16 +209,33 @@ TASKS: dict[str, type[Task]] = {
     "classifier": ClassifierTask,
     "noisy_classifier": NoisyClassifierTask,
 }
+# Tasks defined in other modules as (module, class). They subclass Task, so this module imports them on
+# first use rather than at import time, which would be circular.
+OTHER_MODULE_TASKS: dict[str, tuple[str, str]] = {
+    "text_to_image_lora": ("jaxgen.tasks_text_to_image", "TextToImageLoRATask"),
+    "vae": ("jaxgen.tasks_vae", "VAETask"),
+}
+
+
+def task_type(name: str) -> type[Task]:
+    """Return the Task class registered under `name`."""
+    if name in TASKS:
+        return TASKS[name]
+    if name in OTHER_MODULE_TASKS:
+        module, class_name = OTHER_MODULE_TASKS[name]
+        return getattr(importlib.import_module(module), class_name)
+    raise ValueError(f"unknown task {name!r}; choose one of {sorted([*TASKS, *OTHER_MODULE_TASKS])}")
 
 
 def make_task(config: Config, held_out: dict[str, np.ndarray]) -> Task:
     """Build the task a config names."""
-    if config.task not in TASKS:
-        raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)}")
-    return TASKS[config.task](config, held_out)
+    return task_type(config.task)(config, held_out)
 
 
-def model_summary(model: nnx.Module) -> dict[str, Any]:
-    """Return the parameter count of a model."""
-    params = nnx.state(model, nnx.Param)
-    return {"parameters": int(sum(x.size for x in jax.tree.leaves(params)))}
+def model_summary(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param) -> dict[str, Any]:
+    """Return the parameter count (nnx.Param) of a model and the size of its `trainable` variables."""
+
+    def count(state: nnx.State) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(state)))
+
+    return {"parameters": count(nnx.state(model, nnx.Param)), "trainable": count(nnx.state(model, trainable))}

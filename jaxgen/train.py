@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (trainer.NonFiniteLossError, checkpoint.RunFolderError) as error:
         logging.getLogger("jaxgen.train").error("%s", error)
         return 1
-    except ValueError as error:
-        # Config values that only the task, model or data set can check, e.g. an unknown sampler name.
+    except (ValueError, FileNotFoundError) as error:
+        # Config values that only the task, model or data set can check, e.g. an unknown sampler name or a
+        # data or pipeline folder that does not exist.
         logging.getLogger("jaxgen.train").error("invalid config: %s", error)
         return 2
     return 0

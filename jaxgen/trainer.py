@@ -1,6 +1,9 @@
 """The training loop shared by every task: data, jitted train step, EMA, checkpoints, metrics and samples.
 
-The train step is a pure function of (TrainState, batch, key) compiled once. The loop keeps losses on the
+The train step is a pure function of (TrainState, rest, batch, key) compiled once. TrainState holds the
+variables the task trains (its `trainable` filter: nnx.Param, or only the LoRA adapters of a fine-tune), and
+`rest` is the remaining, frozen model state. The frozen state is an argument rather than a closure constant,
+so gigabytes of base weights are not embedded in the compiled program. The loop keeps losses on the
 device and reads them only every `log_every` steps and before each checkpoint, so the host waits for the device
 only at those points. Before a checkpoint is written, every pending loss is checked: a NaN or inf stops
 the run, names the step and leaves the last good checkpoint as the newest one.
@@ -29,7 +32,6 @@ from tqdm.auto import tqdm
 from jaxgen import checkpoint as ckpt
 from jaxgen import config as config_lib
 from jaxgen import tasks as tasks_lib
-from jaxgen.data import BatchLoader, load_digits_split
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class TrainState:
     """Everything a train step reads and writes; checkpointed as one pytree."""
 
     step: jax.Array  # int32 scalar: number of optimizer updates applied
-    params: nnx.State
+    params: nnx.State  # the task's trainable variables
     ema_params: nnx.State
     opt_state: optax.OptState
 
@@ -81,16 +83,21 @@ def create_model(task: tasks_lib.Task, seed: int) -> nnx.Module:
     return task.build_model(nnx.Rngs(jax.random.key(seed, impl="rbg")))
 
 
-def make_train_step(task: tasks_lib.Task, graphdef: nnx.GraphDef, rest: nnx.State,
-                    tx: optax.GradientTransformation, max_ema_decay: float):
-    """Build the pure train step (state, batch, key) -> (state, metrics)."""
+def make_train_step(task: tasks_lib.Task, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    max_ema_decay: float):
+    """Build the pure train step (state, rest, batch, key) -> (state, metrics).
 
-    def loss_of_params(params, batch, key):
+    `rest` is the model state outside the task's trainable filter; it is read, never differentiated or changed.
+    """
+
+    def loss_of_params(params, rest, batch, key):
         model = nnx.merge(graphdef, params, rest)
         return task.loss_fn(model, batch, key)
 
-    def train_step(state: TrainState, batch, key):
-        grads, metrics = jax.grad(loss_of_params, has_aux=True)(state.params, batch, key)
+    def train_step(state: TrainState, rest: nnx.State, batch, key):
+        if getattr(task, "loss_needs_step", False):
+            batch = dict(batch, step=state.step)  # e.g. a GAN loss that switches on after a warm-up
+        grads, metrics = jax.grad(loss_of_params, has_aux=True)(state.params, rest, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, max_ema_decay)
@@ -116,13 +123,9 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh:
                          devices=jax.devices()[:num_devices])
 
 
-def load_data(config: config_lib.Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Load the train and held-out splits a config names."""
-    if config.data.name != "digits":
-        raise ValueError(f"unknown data set {config.data.name!r}; the available one is 'digits'")
-    train = load_digits_split(config.data.data_dir, "train", image_size=config.data.image_size)
-    test = load_digits_split(config.data.data_dir, "test", image_size=config.data.image_size)
-    return {"image": train[0], "label": train[1]}, {"image": test[0], "label": test[1]}
+def load_data(config: config_lib.Config) -> tuple[Any, dict[str, np.ndarray]]:
+    """Load the training data and the held-out split of the config's task (see Task.load_data)."""
+    return tasks_lib.task_type(config.task).load_data(config)
 
 
 class MetricsWriter:
@@ -146,8 +149,10 @@ def train(config: config_lib.Config) -> pathlib.Path:
     train_data, held_out = load_data(config)
     task = tasks_lib.make_task(config, held_out)
     model = create_model(task, t.seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    logger.info("task %s: %s parameters", config.task, f"{tasks_lib.model_summary(model)['parameters']:,}")
+    graphdef, params, rest = nnx.split(model, task.trainable, ...)
+    summary = tasks_lib.model_summary(model, task.trainable)
+    logger.info("task %s: %s parameters, %s of them trainable", config.task, f"{summary['parameters']:,}",
+                f"{summary['trainable']:,}")
 
     mesh = make_mesh(t.host_devices)
     if config.data.batch_size % mesh.size:
@@ -163,8 +168,9 @@ def train(config: config_lib.Config) -> pathlib.Path:
     ema_params = jax.tree.map(jnp.copy, params)
     state = TrainState(step=jnp.int32(0), params=params, ema_params=ema_params, opt_state=tx.init(params))
     state = jax.device_put(state, replicated)
+    rest = jax.device_put(rest, replicated)
 
-    loader = BatchLoader(train_data, config.data.batch_size, seed=config.data.seed)
+    loader = task.make_loader(train_data)
     store = ckpt.CheckpointStore(workdir, max_to_keep=t.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
     start = store.latest_step()
@@ -178,7 +184,7 @@ def train(config: config_lib.Config) -> pathlib.Path:
         metrics_path.unlink(missing_ok=True)
     metrics_out = MetricsWriter(metrics_path)
 
-    train_step = jax.jit(make_train_step(task, graphdef, rest, tx, config.optim.ema_decay), donate_argnums=0)
+    train_step = jax.jit(make_train_step(task, graphdef, tx, config.optim.ema_decay), donate_argnums=0)
     base_key = jax.random.PRNGKey(t.seed)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_checkpoint = start if start else None
@@ -223,13 +229,16 @@ def train(config: config_lib.Config) -> pathlib.Path:
         config_lib.save_config(config, workdir / ckpt.CONFIG_FILE)
         store.save(step, state, {"loader": loader.state(), "step": step})
         last_checkpoint = step
-        window_start = time.perf_counter()  # keep checkpoint writing out of the steps/s figure
+        exported = task.export(graphdef, rest, state.ema_params, step, workdir)
+        if exported is not None:
+            logger.info("step %d: wrote %s", step, exported)
+        window_start = time.perf_counter()  # keep checkpoint and export writing out of the steps/s figure
 
     try:
         for step in range(start, t.num_steps):
             batch = {k: jax.device_put(v, batch_sharding) for k, v in next(loader).items()}
             step_started = time.perf_counter()
-            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+            state, metrics = train_step(state, rest, batch, jax.random.fold_in(base_key, step))
             if step == start:
                 jax.block_until_ready(metrics)
                 logger.info("compiled and ran the first train step in %.1f s", time.perf_counter() - step_started)
@@ -277,12 +286,22 @@ def _write_samples(task, graphdef, rest, state, step, workdir) -> None:
 
 def build_inference_model(config: config_lib.Config, workdir: str | pathlib.Path, *, use_ema: bool = True,
                           step: int | None = None) -> tuple[nnx.GraphDef, nnx.State, nnx.State, int]:
-    """Restore a trained model from a run folder: returns (graphdef, params, rest, step)."""
+    """Restore a trained model from a run folder: returns (graphdef, params, rest, step).
+
+    Raises:
+        ValueError: the task trains only part of a model loaded from elsewhere (a LoRA fine-tune), so the
+            checkpoint alone does not make the model.
+    """
+    if tasks_lib.task_type(config.task).trainable is not nnx.Param:
+        raise ValueError(
+            f"task {config.task!r} checkpoints only its trainable variables, not a whole model; use the files "
+            f"its run exports into {workdir} instead (for LoRA, lora/pytorch_lora_weights.safetensors)"
+        )
     held_out_stub = {"image": np.zeros((1, config.data.image_size, config.data.image_size, 1), np.float32),
                      "label": np.zeros((1,), np.int32)}
     task = tasks_lib.make_task(config, held_out_stub)
     model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(config.train.seed)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, task.trainable, ...)
     tx = make_optimizer(config.optim, config.train.num_steps)
     abstract = jax.eval_shape(
         lambda: TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params))

@@ -7,9 +7,12 @@ Modules:
         diffusers attention processor that uses it.
     norms: RMSNorm and rotary embedding with torch_npu's fused kernels on NPU.
     precision: autocast, float32 norms and losses, gradient scaling and float64 guards.
+    models: torch twins of jaxgen's models, looked up by task and model config (build_torch_model).
+    diffusion: the noise schedule, q_sample and the diffusion losses in torch.
+    train: `python -m torch_npu_backend.train --cfg ddpm_digits`, with DDP under torchrun.
+    train_state: AdamW with jaxgen's schedule, gradient clipping, EMA and checkpoints.
 
-Importing this package does not import torch_npu. The torch twins of jaxgen's models are not
-implemented yet.
+Importing this package does not import torch_npu, nor models, diffusion or the training modules.
 """
 
 from torch_npu_backend.attention import NPUAttnProcessor, scaled_dot_product_attention
