@@ -82,9 +82,9 @@ class SampleConfig:
     # Timestep spacing; None keeps each sampler's default (DDIM "leading", DPM-Solver++ "linspace").
     spacing: str | None = None
     # Clip each step's estimate of x0 to the data range [-1, 1], as diffusers' DDPM and DDIM schedulers do by
-    # default for pixel-space models. Without it, deterministic samplers leave about 7-12% of the digits
-    # model's samples as noise (DDIM-50, 400 samples), because the x0 estimates of the first steps reach
-    # |x0| ~ 85.
+    # default for pixel-space models (DDIM also recomputes eps from the clipped x0). Without it, deterministic
+    # samplers leave about 7-12% of the digits model's samples as noise (DDIM-50, 400 samples), because the x0
+    # estimates of the first steps reach |x0| ~ 85.
     clip_sample: bool = True
     samples_per_class: int = 8
 

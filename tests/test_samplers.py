@@ -209,7 +209,8 @@ def test_ddpm_step_shortened_chain_matches_diffusers(schedule):
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
-def test_ddim_step_matches_diffusers(schedule, eta, prediction_type, set_alpha_to_one):
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_ddim_step_matches_diffusers(schedule, eta, prediction_type, set_alpha_to_one, use_clipped_model_output):
     num_steps = 20
     reference = make_reference(DDIMScheduler, schedule,
         prediction_type=prediction_type,
@@ -222,7 +223,8 @@ def test_ddim_step_matches_diffusers(schedule, eta, prediction_type, set_alpha_t
     for t in [951, 501, 51, 1]:
         output = dummy_model_jax(x, jnp.full((SHAPE[0],), t, jnp.int32))
         expected = reference.step(
-            to_torch(output), t, to_torch(x), eta=eta, variance_noise=to_torch(noise)
+            to_torch(output), t, to_torch(x), eta=eta, variance_noise=to_torch(noise),
+            use_clipped_model_output=use_clipped_model_output,
         ).prev_sample
         ours, _ = ddim_step(
             schedule,
@@ -235,6 +237,7 @@ def test_ddim_step_matches_diffusers(schedule, eta, prediction_type, set_alpha_t
             prediction_type=prediction_type,
             clip_sample=True,
             set_alpha_to_one=set_alpha_to_one,
+            use_clipped_model_output=use_clipped_model_output,
         )
         np.testing.assert_allclose(np.asarray(ours), expected.numpy(), rtol=STEP_RTOL, atol=STEP_ATOL)
 

@@ -358,6 +358,7 @@ def ddim_step(
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
     set_alpha_to_one: bool = True,
+    use_clipped_model_output: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Take one DDIM step x_t -> x_{t_prev} (Song et al. 2021).
 
@@ -367,6 +368,11 @@ def ddim_step(
 
     Symbols: sigma_eta = eta * sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) is the paper's
     sigma_t(eta). x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma_eta^2) eps + sigma_eta noise.
+
+    clip_sample clips x0 to [-1, 1]. With use_clipped_model_output, eps is then recomputed from the clipped
+    x0, eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t), as in GLIDE and diffusers' option of that name, so the
+    step stays on the deterministic ODE of the clipped estimate. Clipping x0 alone (diffusers' default)
+    mixes a clipped x0 with an unclipped eps.
 
     Raises:
       ValueError: eta is not a concrete 0 and noise is None, or eta is outside [0, 1].
@@ -388,6 +394,8 @@ def ddim_step(
     )
     if clip_sample:
         x0 = jnp.clip(x0, -1.0, 1.0)
+        if use_clipped_model_output:
+            eps = (x_t - bcast(jnp.sqrt(ab_t)) * x0) / bcast(jnp.sqrt(1.0 - ab_t))
 
     # 3. Noise scale sigma_eta and the direction pointing to x_t.
     variance = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
@@ -415,6 +423,7 @@ def ddim_sample(
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
     set_alpha_to_one: bool = True,
+    use_clipped_model_output: bool = False,
     start_step: int = 0,
 ) -> jax.Array:
     """Sample with DDIM (Song et al. 2021) over num_steps timesteps from make_timesteps.
@@ -454,6 +463,7 @@ def ddim_sample(
             prediction_type=prediction_type,
             clip_sample=clip_sample,
             set_alpha_to_one=set_alpha_to_one,
+            use_clipped_model_output=use_clipped_model_output,
         )
         return x_prev.astype(x.dtype), None
 
