@@ -176,6 +176,17 @@ def vgg16_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def lpips_heads_file(tmp_path_factory):
+    """Random LPIPS linear heads (lin<k>.model.1.weight, [1, C, 1, 1]), so no lpips package is needed."""
+    rng = np.random.default_rng(1)
+    heads = {f"lin{k}.model.1.weight": rng.uniform(0.0, 0.1, (1, channels, 1, 1)).astype(np.float32)
+             for k, channels in enumerate((64, 128, 256, 512, 512))}
+    path = tmp_path_factory.mktemp("lpips_heads") / "vgg.pth"
+    save_torch(heads, path)
+    return path
+
+
 def torchvision_stand_in() -> types.ModuleType:
     """Return a `torchvision` module whose models.vgg16(pretrained=False).features is VGG16's trunk in torch."""
 
@@ -264,15 +275,15 @@ def test_lpips_normalization_gradient_finite_at_zero():
     assert bool(jnp.all(jnp.isfinite(grad)))
 
 
-def test_perceptual_loss_frozen_in_task(vgg16_file, digits_32):
+def test_perceptual_loss_frozen_in_task(vgg16_file, lpips_heads_file, digits_32):
     config = tiny_config("model.loss.perceptual_weight=1.0", f"model.loss.lpips_vgg16_weights={str(vgg16_file)!r}",
-                         "model.loss.disc_weight=0.0")
+                         f"model.loss.lpips_linear_weights={str(lpips_heads_file)!r}", "model.loss.disc_weight=0.0")
     task = tasks_lib.make_task(config, {"image": digits_32[:8], "label": np.zeros(8, np.int32)})
     model = trainer.create_model(task, seed=0)
     trainable_paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, task.trainable))]
     assert trainable_paths
     assert not [path for path in trainable_paths if path[0] == "lpips"]
-    expected = lpips_io.load_lpips(vgg16_file)
+    expected = lpips_io.load_lpips(vgg16_file, lpips_heads_file)
     assert_trees_close(nnx.state(model.lpips, nnx.Param), nnx.state(expected, nnx.Param), rtol=0, atol=0,
                        label="LPIPS weights in the task model")
     batch = {"image": jnp.asarray(digits_32[:2]), "step": jnp.int32(0)}
