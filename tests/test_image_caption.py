@@ -92,7 +92,8 @@ def test_buckets_have_area_and_multiple():
     buckets = make_buckets(1024, 64)
     assert (1024, 1024) in buckets
     for height, width in buckets:
-        assert height % 64 == 0 and width % 64 == 0
+        assert height % 64 == 0
+        assert width % 64 == 0
         assert height * width <= 1024 * 1024
         assert (width, height) in buckets
 

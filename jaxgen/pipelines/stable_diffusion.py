@@ -197,8 +197,8 @@ class _Pipeline:
             height, width: image size, multiples of the VAE factor (8); defaults to the U-Net's sample_size
                 times that factor.
             seed: PRNG seed of the initial noise and of stochastic samplers.
-            latents: initial noise [B, h, w, C] (channels-last) in place of the seeded draw; it is scaled by
-                the sampler's initial noise level as diffusers does.
+            latents: initial noise [B, h, w, C] (channels-last) in place of the seeded draw. The sampler
+                scales it by its initial noise level, as diffusers does.
             image: for image-to-image, images [B, H, W, 3] in [0, 1]; `strength` in (0, 1] sets how much of the
                 denoising schedule runs (1 ignores the image's content).
             eta: DDIM's eta (0 is deterministic).
