@@ -81,37 +81,56 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             return {key: np.asarray(file.get_tensor(key)) for key in file.keys()}
 
 
-def read_state_dict(folder: str | Path, *, variant: str | None = None) -> dict[str, np.ndarray]:
-    """Read the weights of a diffusers model folder as torch key -> numpy array.
+def _read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
+    import torch
 
-    Looks for, in order: {stem}.safetensors, the shards of {stem}.safetensors.index.json, and
-    {stem}.bin, where stem is diffusion_pytorch_model (plus ".{variant}" when given, such as
-    "fp16"). A .bin pickle is read with torch.load(weights_only=True), which unpickles only
-    tensors and plain containers.
+    # weights_only=True unpickles only tensors and plain containers, never arbitrary objects.
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: _torch_tensor_to_numpy(value) for key, value in loaded.items()}
+
+
+def read_weight_files(
+    folder: str | Path, safetensors_stem: str, pickle_stem: str, *, variant: str | None = None
+) -> dict[str, np.ndarray]:
+    """Read a model folder's weights as torch key -> numpy array, from one file or from shards.
+
+    Looks for, in order: {safetensors_stem}.safetensors, the shards listed in
+    {safetensors_stem}.safetensors.index.json, {pickle_stem}.bin and the shards of
+    {pickle_stem}.bin.index.json, with ".{variant}" before the extension when given (such as "fp16").
+    Pickles are read with torch.load(weights_only=True).
+
+    Raises:
+        FileNotFoundError: none of those files exists; the message lists the names looked for.
     """
     folder = Path(folder)
-    stem = WEIGHTS_STEM if variant is None else f"{WEIGHTS_STEM}.{variant}"
-    single = folder / f"{stem}.safetensors"
-    index = folder / f"{stem}.safetensors.index.json"
-    pickle_path = folder / f"{stem}.bin"
-    if single.is_file():
-        return _read_safetensors(single)
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        state_dict: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            state_dict.update(_read_safetensors(folder / shard))
-        return state_dict
-    if pickle_path.is_file():
-        import torch
-
-        loaded = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        return {key: _torch_tensor_to_numpy(value) for key, value in loaded.items()}
+    suffix = "" if variant is None else f".{variant}"
+    candidates = [
+        (folder / f"{safetensors_stem}{suffix}.safetensors", _read_safetensors),
+        (folder / f"{pickle_stem}{suffix}.bin", _read_torch_pickle),
+    ]
+    for single, read in candidates:
+        index = single.with_name(f"{single.name}.index.json")
+        if single.is_file():
+            return read(single)
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            state_dict: dict[str, np.ndarray] = {}
+            for shard in sorted(set(weight_map.values())):
+                state_dict.update(read(folder / shard))
+            return state_dict
+    names = ", ".join(f"{path.name} (or {path.name}.index.json)" for path, _ in candidates)
     raise FileNotFoundError(
-        f"No weights in {folder}: looked for {single.name}, {index.name} and {pickle_path.name}. "
-        "Download the weights into this folder, or pass variant= for files such as "
-        f"{WEIGHTS_STEM}.fp16.safetensors."
+        f"No weights in {folder}: looked for {names}. Download the weights into this folder, or pass "
+        f"variant= for files such as {safetensors_stem}.fp16.safetensors."
     )
+
+
+def read_state_dict(folder: str | Path, *, variant: str | None = None) -> dict[str, np.ndarray]:
+    """Read the weights of a diffusers model folder (diffusion_pytorch_model.*) as torch key -> numpy array.
+
+    The files looked for and their order are those of `read_weight_files`.
+    """
+    return read_weight_files(folder, WEIGHTS_STEM, WEIGHTS_STEM, variant=variant)
 
 
 def abstract_model(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:

@@ -17,12 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.diffusers_io import (
-    _read_safetensors,
-    _torch_tensor_to_numpy,
-    _write_safetensors,
-    abstract_model,
-)
+from conversion.diffusers_io import _write_safetensors, abstract_model, read_weight_files
 from conversion.rules import nnx_to_torch, torch_to_nnx
 from jaxgen.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -65,42 +60,12 @@ def read_transformers_config(folder: str | Path) -> dict:
     return json.loads(config_path.read_text())
 
 
-def _read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
-    import torch
-
-    # weights_only=True unpickles only tensors and plain containers, never arbitrary objects.
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: _torch_tensor_to_numpy(value) for key, value in loaded.items()}
-
-
 def read_transformers_state_dict(folder: str | Path, *, variant: str | None = None) -> dict[str, np.ndarray]:
-    """Read the weights of a transformers model folder as torch key -> numpy array.
+    """Read the weights of a transformers model folder (model.safetensors or pytorch_model.bin) as torch key -> array.
 
-    Looks for, in order: model.safetensors, the shards of model.safetensors.index.json,
-    pytorch_model.bin and the shards of pytorch_model.bin.index.json, with ".{variant}" before
-    the extension when given (such as "fp16"). Pickles are read with torch.load(weights_only=True).
+    The files looked for and their order are those of `conversion.diffusers_io.read_weight_files`.
     """
-    folder = Path(folder)
-    suffix = "" if variant is None else f".{variant}"
-    candidates = [
-        (folder / f"{SAFETENSORS_STEM}{suffix}.safetensors", _read_safetensors),
-        (folder / f"{PICKLE_STEM}{suffix}.bin", _read_torch_pickle),
-    ]
-    for single, read in candidates:
-        index = single.with_name(f"{single.name}.index.json")
-        if single.is_file():
-            return read(single)
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            state_dict: dict[str, np.ndarray] = {}
-            for shard in sorted(set(weight_map.values())):
-                state_dict.update(read(folder / shard))
-            return state_dict
-    names = ", ".join(f"{path.name} (or {path.name}.index.json)" for path, _ in candidates)
-    raise FileNotFoundError(
-        f"No weights in {folder}: looked for {names}. Download the weights into this folder, or pass "
-        f"variant= for files such as {SAFETENSORS_STEM}.fp16.safetensors."
-    )
+    return read_weight_files(folder, SAFETENSORS_STEM, PICKLE_STEM, variant=variant)
 
 
 def _with_projection_from_config(config: Mapping, folder: Path) -> bool:

@@ -14,7 +14,6 @@ Axis letters: B batch, H W image height and width, h w latent height and width, 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxgen.models.config_dict import config_kwargs
 from jaxgen.models.embeddings import ACTIVATIONS
 from jaxgen.models.vae_blocks import Decoder, Encoder
 
@@ -145,17 +145,8 @@ class AutoencoderKLConfig:
         Keys starting with "_" (such as _class_name) are ignored. Every other AutoencoderKL key of
         diffusers 0.42.1 is a field, so an unknown key raises a ValueError naming the nearest field.
         """
-        fields = sorted(field.name for field in dataclasses.fields(cls))
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key not in fields:
-                nearest = difflib.get_close_matches(key, fields, n=1, cutoff=0.0)
-                raise ValueError(
-                    f"Unknown AutoencoderKL config key {key!r}; the nearest supported key is {nearest[0]!r}."
-                )
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        kwargs = config_kwargs(cls, config, model_name="AutoencoderKL",
+                               convert=lambda value: tuple(value) if isinstance(value, list) else value)
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:

@@ -19,7 +19,6 @@ Axis letters: B batch, L tokens, C hidden features (hidden_size), N heads, D hea
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgen.attention import dot_product_attention
+from jaxgen.models.config_dict import config_kwargs
 from jaxgen.models.layers import dense
 
 __all__ = [
@@ -159,25 +159,8 @@ class CLIPTextConfig:
                 f"config.json has model_type {model_type!r}, not {MODEL_TYPE!r}. For a full CLIPModel "
                 "config (model_type 'clip'), pass its 'text_config' dict instead."
             )
-        fields = {field.name for field in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_") or key in GENERIC_TRANSFORMERS_KEYS:
-                continue
-            if key in fields:
-                kwargs[key] = value
-            elif key in UNSUPPORTED_TRANSFORMERS_DEFAULTS:
-                default = UNSUPPORTED_TRANSFORMERS_DEFAULTS[key]
-                if value != default:
-                    raise ValueError(
-                        f"transformers config key {key}={value!r} is not supported by jaxgen's "
-                        f"CLIPTextModel, which has no dropout; only {default!r} is."
-                    )
-            else:
-                nearest = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.0)
-                raise ValueError(
-                    f"Unknown CLIPTextConfig key {key!r}; the nearest supported key is {nearest[0]!r}."
-                )
+        kwargs = config_kwargs(cls, config, model_name="CLIPTextModel", ignored_keys=GENERIC_TRANSFORMERS_KEYS,
+                               unsupported_defaults=UNSUPPORTED_TRANSFORMERS_DEFAULTS)
         return cls(**kwargs)
 
     def to_transformers(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ and ControlNet residuals. `from_diffusers` rejects configs that need them.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxgen.models.config_dict import config_kwargs
 from jaxgen.models.embeddings import ACTIVATIONS, TimestepEmbedding, Timesteps
 from jaxgen.models.resnet import group_norm
 from jaxgen.models.unet_blocks import (
@@ -343,26 +343,8 @@ class UNet2DConditionConfig:
         model lacks are accepted only at their diffusers default, and unknown keys raise a
         ValueError that names the nearest supported key.
         """
-        fields = {field.name for field in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_"):
-                continue
-            if key in fields:
-                kwargs[key] = _to_tuples(value)
-            elif key in UNSUPPORTED_DIFFUSERS_DEFAULTS:
-                default = UNSUPPORTED_DIFFUSERS_DEFAULTS[key]
-                if value != default:
-                    raise ValueError(
-                        f"diffusers config key {key}={value!r} is not supported by jaxgen's "
-                        f"UNet2DConditionModel; only the default {default!r} is."
-                    )
-            else:
-                nearest = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.0)
-                raise ValueError(
-                    f"Unknown UNet2DConditionModel config key {key!r}; the nearest supported key is "
-                    f"{nearest[0]!r}."
-                )
+        kwargs = config_kwargs(cls, config, model_name="UNet2DConditionModel",
+                               unsupported_defaults=UNSUPPORTED_DIFFUSERS_DEFAULTS, convert=_to_tuples)
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:
