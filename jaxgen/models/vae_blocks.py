@@ -45,6 +45,20 @@ def _resnet(
     )
 
 
+def _resnet_stack(
+    in_channels: int, out_channels: int, num_layers: int, *, groups: int, act_fn: str, dtype: jnp.dtype | None,
+    rngs: nnx.Rngs,
+) -> nnx.List:
+    """Build num_layers ResNet blocks, the first mapping in_channels to out_channels."""
+    return nnx.List(
+        [
+            _resnet(in_channels if i == 0 else out_channels, out_channels, groups=groups, act_fn=act_fn, dtype=dtype,
+                    rngs=rngs)
+            for i in range(num_layers)
+        ]
+    )
+
+
 class AttentionBlock(nnx.Module):
     """Single-head self-attention over all pixels, with GroupNorm and a residual connection.
 
@@ -88,13 +102,8 @@ class DownEncoderBlock2D(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                _resnet(in_channels if i == 0 else out_channels, out_channels, groups=groups, act_fn=act_fn,
-                        dtype=dtype, rngs=rngs)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = _resnet_stack(in_channels, out_channels, num_layers, groups=groups, act_fn=act_fn,
+                                     dtype=dtype, rngs=rngs)
         if add_downsample:
             # padding=0 is diffusers' setting for the VAE: a (0, 1, 0, 1) pad, then a stride-2 conv.
             self.downsamplers = nnx.List([Downsample2D(out_channels, padding=0, dtype=dtype, rngs=rngs)])
@@ -124,13 +133,8 @@ class UpDecoderBlock2D(nnx.Module):
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                _resnet(in_channels if i == 0 else out_channels, out_channels, groups=groups, act_fn=act_fn,
-                        dtype=dtype, rngs=rngs)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = _resnet_stack(in_channels, out_channels, num_layers, groups=groups, act_fn=act_fn,
+                                     dtype=dtype, rngs=rngs)
         if add_upsample:
             self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)])
         else:
