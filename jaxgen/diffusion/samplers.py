@@ -672,6 +672,13 @@ def make_dpm_solver_grid(
     return timesteps, sigmas
 
 
+def _remaining_grid(
+    timesteps: jax.Array, sigmas: jax.Array, start_step: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Return the scan inputs (t, sigma, sigma_next) of the steps from start_step on, for N timesteps and N + 1 sigmas."""
+    return timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :]
+
+
 def dpmpp_2m_sample(
     model_fn: ModelFn,
     schedule: NoiseSchedule,
@@ -735,9 +742,7 @@ def dpmpp_2m_sample(
         )
         return (x_next.astype(x.dtype), history), None
 
-    scan_inputs = (
-        timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :], lower_order[start_step:]
-    )
+    scan_inputs = (*_remaining_grid(timesteps, sigmas, start_step), lower_order[start_step:])
     (x, _), _ = jax.lax.scan(body, (x, dpmpp_2m_init(x)), scan_inputs)
     return x.astype(x_T.dtype)
 
@@ -946,7 +951,7 @@ def euler_sample(
         x_next, _ = euler_step(model_output, x, sigma, sigma_next, prediction_type=prediction_type)
         return x_next.astype(x.dtype), None
 
-    x, _ = jax.lax.scan(body, x, (timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :]))
+    x, _ = jax.lax.scan(body, x, _remaining_grid(timesteps, sigmas, start_step))
     return x.astype(x_T.dtype)
 
 
@@ -993,10 +998,7 @@ def euler_ancestral_sample(
         return x_next.astype(x.dtype), None
 
     steps = np.arange(num_steps, dtype=np.int32)
-    scan_inputs = (
-        steps[start_step:], timesteps[start_step:], sigmas[start_step:-1], sigmas[start_step + 1 :]
-    )
-    x, _ = jax.lax.scan(body, x, scan_inputs)
+    x, _ = jax.lax.scan(body, x, (steps[start_step:], *_remaining_grid(timesteps, sigmas, start_step)))
     return x.astype(x_T.dtype)
 
 
