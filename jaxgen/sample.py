@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: the sampler's own, leading for DDIM and linspace for DPM-Solver++)")
     parser.add_argument("--no-clip-sample", dest="clip_sample", action="store_false",
                         help="do not clip each step's x0 estimate to [-1, 1] (clipping is on by default)")
-    parser.add_argument("--guidance", type=_finite_float, default=3.0,
+    parser.add_argument("--guidance", type=finite_float, default=3.0,
                         help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided")
     parser.add_argument("--classifier", default=None, help="run folder of a noise-aware classifier")
     parser.add_argument("--classifier-scale", type=float, default=0.0, help="classifier guidance scale")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     num_classes = config.model.num_class_embeds - 1
     try:
-        labels = _parse_labels(args.labels, num_classes, args.per_class)
+        labels = parse_labels(args.labels, num_classes, args.per_class)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _finite_float(text: str) -> float:
+def finite_float(text: str) -> float:
     value = float(text)
     if not np.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
-def _parse_labels(text: str | None, num_classes: int, per_class: int) -> np.ndarray:
+def parse_labels(text: str | None, num_classes: int, per_class: int) -> np.ndarray:
     if text is None:
         return np.tile(np.arange(num_classes, dtype=np.int32), per_class)
     try:
