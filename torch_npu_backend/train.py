@@ -1,5 +1,13 @@
 """Train a jaxgen config with the PyTorch backend: `python -m torch_npu_backend.train --cfg ddpm_digits`.
 
+Two jobs, picked by config.task:
+
+    diffusion            the digits diffusion model (configs/ddpm_digits.py), described below;
+    text_to_image_lora   LoRA fine-tuning of a Stable Diffusion or SDXL U-Net (configs/sd_lora.py,
+                         configs/sdxl_lora.py) with peft and diffusers, in torch_npu_backend.train_lora,
+                         whose docstring describes it. Both jobs share the loop, the metrics, the
+                         checkpoints and the resume logic of `TrainingRun`.
+
 The config file, the `--set` overrides, the `--cfg-arg` presets, the data and the batch order are jaxgen's:
 the same `load_config`, `load_digits_split` and `BatchLoader` with `data.seed`. The model is the config's
 torch twin (`torch_npu_backend.models`), trained with AdamW, linear warm-up and cosine decay, global-norm
@@ -20,7 +28,7 @@ the torch keys of the jaxgen model) and training_state.pt (optimizer, scheduler 
 readable with torch.load(weights_only=True)). Rerunning the same command resumes from the newest
 checkpoint and logs the same losses as an uninterrupted run. `--export-jaxgen DIR` writes the newest
 checkpoint as a jaxgen run folder that `python -m jaxgen.sample --run DIR` and `python -m jaxgen.train`
-read.
+read (diffusion job only).
 
 Differences from `python -m jaxgen.train`:
     - Random draws come from a torch CPU generator seeded from (train.seed, step), not from JAX keys, and
@@ -138,32 +146,62 @@ def default_workdir(config: config_lib.Config) -> pathlib.Path:
     return pathlib.Path(f"{config.train.workdir}_torch")
 
 
+# Tasks with a torch training job. Task "diffusion" also needs a torch twin of its model in
+# torch_npu_backend.models.TWINS.
+SUPPORTED_TASKS = ("diffusion", "text_to_image_lora")
+
+
+def training_run_class(task: str) -> type[TrainingRun]:
+    """Return the TrainingRun subclass that trains `task`.
+
+    Raises:
+        ValueError: the task has no torch training job; the message lists the supported tasks.
+    """
+    if task == "diffusion":
+        return TorchTrainingRun
+    if task == "text_to_image_lora":
+        from torch_npu_backend.train_lora import LoRATrainingRun
+
+        return LoRATrainingRun
+    supported = ", ".join(repr(name) for name in SUPPORTED_TASKS)
+    raise ValueError(f"task {task!r} has no torch training job; the supported tasks are {supported}. Train it with "
+                     "python -m jaxgen.train instead")
+
+
 def train(config: config_lib.Config, *, workdir: str | pathlib.Path | None = None,
           device: str | None = None) -> pathlib.Path:
     """Train the job `config` describes with torch, resuming from the newest checkpoint in its run folder.
 
     Args:
-        config: a diffusion config, such as configs/ddpm_digits.py.
+        config: a diffusion config, such as configs/ddpm_digits.py, or a LoRA config (task
+            "text_to_image_lora"), such as configs/sd_lora.py and configs/sdxl_lora.py.
         workdir: the run folder, or None for `default_workdir(config)`.
         device: "npu", "cuda" or "cpu", optionally with an index, or None to pick one (see resolve_device).
 
     Raises:
         jaxgen.trainer.NonFiniteLossError: the loss or the parameters became NaN or infinite.
         jaxgen.checkpoint.RunFolderError: the run folder contains a run of another model or other data.
-        ValueError: the config has no torch twin, or data.batch_size does not split over the processes.
+        ValueError: the task has no torch training job, the config has no torch twin, or data.batch_size
+            does not split over the processes.
     """
+    run_class = training_run_class(config.task)
     process = setup_process(device)
     try:
-        run = TorchTrainingRun(config, pathlib.Path(workdir) if workdir is not None else default_workdir(config),
-                               process)
+        run = run_class(config, pathlib.Path(workdir) if workdir is not None else default_workdir(config), process)
         return run.run()
     finally:
         if process.world_size > 1:
             dist.destroy_process_group()
 
 
-class TorchTrainingRun:
-    """One process's share of a training run: the model, optimizer, EMA, data and run folder.
+class TrainingRun:
+    """One process's share of a training run: the loop, the metrics and the checkpoints of every torch job.
+
+    A subclass calls this __init__ first and then builds its job. It sets `loader` (a jaxgen loader with
+    state() and restore()), `model` (the trained weights: an nn.Module, or any object with its
+    named_parameters, state_dict, load_state_dict(strict=True) and train methods), `parameters` and
+    `parameter_names` (the trained parameters in the optimizer's order), `optimizer`, `scheduler` and
+    `ema`. It implements `train_step` and may override `training_module`.
 
     Args:
         config: the job.
@@ -171,62 +209,52 @@ class TorchTrainingRun:
         process: this process's rank, the number of processes and the device (see `setup_process`).
 
     Raises:
-        ValueError: data.batch_size does not split over the processes, or the config has no torch twin.
+        ValueError: data.batch_size does not split over the processes.
         jaxgen.checkpoint.RunFolderError: `workdir` contains a run of another model or other data.
     """
 
     def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo):
         from jaxgen import checkpoint as jaxgen_checkpoint
-        from jaxgen.data import BatchLoader
         from jaxgen.trainer import MetricsWriter
-        from torch_npu_backend import diffusion
-        from torch_npu_backend.models import build_torch_model
 
         batch_size = config.data.batch_size
         if batch_size % process.world_size:
             raise ValueError(f"data.batch_size={batch_size} does not split over {process.world_size} processes; "
                              f"choose a multiple of {process.world_size} or start fewer processes")
         self.config, self.workdir, self.process = config, workdir, process
-        local_batch = batch_size // process.world_size
+        self.local_batch = batch_size // process.world_size
         # This process trains on these rows of every global batch.
-        self.rows = slice(process.rank * local_batch, (process.rank + 1) * local_batch)
+        self.rows = slice(process.rank * self.local_batch, (process.rank + 1) * self.local_batch)
         if process.is_main:
             jaxgen_checkpoint.check_run_folder(workdir, config)
             workdir.mkdir(parents=True, exist_ok=True)
-
-        train_data = _load_train_data_in_order(config, process)
-        self.loader = BatchLoader(train_data, batch_size, seed=config.data.seed)
-        _, height, width, channels = train_data["image"].shape
-        self.image_shape = (channels, height, width)
-
-        torch.manual_seed(config.train.seed)
-        self.model = build_torch_model(config).to(process.device)
-        self.parameter_names = [name for name, _ in self.model.named_parameters()]  # the optimizer's order
-        self.parameters = list(self.model.parameters())
-        self.optimizer, self.scheduler = make_optimizer(self.parameters, config.optim, config.train.num_steps)
-        self.ema = EMA(self.model, config.optim.ema_decay)
-        self.schedule = diffusion.schedule_from_config(config).to(process.device)
         self.store = CheckpointStore(workdir, max_to_keep=config.train.keep_checkpoints)
         self.metrics_path = workdir / METRICS_FILE
         self.metrics_out = MetricsWriter(self.metrics_path)
-        count = sum(p.numel() for p in self.parameters)
-        logger.info("task %s: %s parameters on %s, %d process(es) of %d examples each", config.task, f"{count:,}",
-                    process.device, process.world_size, local_batch)
 
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad_norm]) still on the device
         self.last_checkpoint: int | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
 
+    def log_setup(self) -> None:
+        """Log the task, the number of trained parameters, the device and the batch split."""
+        count = sum(p.numel() for p in self.parameters)
+        logger.info("task %s: %s parameters on %s, %d process(es) of %d examples each", self.config.task,
+                    f"{count:,}", self.process.device, self.process.world_size, self.local_batch)
+
+    def training_module(self) -> Any:
+        """Return what `train_step` runs. This is the model itself, and subclasses may wrap it for several processes."""
+        return self.model
+
+    def train_step(self, trained: Any, step: int) -> torch.Tensor:
+        """Run update `step` (0-based) on this process's rows and return [loss, grad_norm] on the device."""
+        raise NotImplementedError
+
     def run(self) -> pathlib.Path:
         """Train from the newest checkpoint to train.num_steps and return the run folder."""
-        from torch.nn.parallel import DistributedDataParallel
-
         t = self.config.train
         start = self.resume()
-        trained = self.model
-        if self.process.world_size > 1:
-            device_ids = None if self.process.device.type == "cpu" else [self.process.device]
-            trained = DistributedDataParallel(self.model, device_ids=device_ids)
+        trained = self.training_module()
         self.model.train()
         for step in range(start, t.num_steps):
             step_started = time.perf_counter()
@@ -248,33 +276,6 @@ class TorchTrainingRun:
                         t.num_steps)
         logger.info("run folder: %s (metrics.jsonl, checkpoints/)", self.workdir)
         return self.workdir
-
-    def train_step(self, trained: nn.Module, step: int) -> torch.Tensor:
-        """Run update `step` (0-based) on this process's rows and return [loss, grad_norm] on the device.
-
-        `trained` is the model, or its DistributedDataParallel wrapper, which averages the gradients over
-        the processes during backward.
-        """
-        from torch_npu_backend import diffusion
-
-        d, device = self.config.diffusion, self.process.device
-        batch = next(self.loader)  # the global batch, the same in every process
-        images = torch.from_numpy(batch["image"][self.rows]).permute(0, 3, 1, 2).to(device)  # [b, C, H, W]
-        labels = torch.from_numpy(batch["label"][self.rows]).long().to(device)
-        draws = diffusion.draw_noise(diffusion.step_generator(self.config.train.seed, step),
-                                     self.config.data.batch_size, self.image_shape, d.num_train_timesteps)
-        draws = draws.slice(self.rows.start, self.rows.stop)
-        labels = diffusion.drop_labels(labels, self.model.null_label, d.cond_drop_prob, draws.drop_uniform.to(device))
-        loss = diffusion.training_loss(trained, self.schedule, images, labels, draws.noise.to(device),
-                                       draws.timesteps.to(device), prediction_type=d.prediction_type,
-                                       min_snr_gamma=d.min_snr_gamma)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_grad_global_norm_(self.parameters, self.config.optim.grad_clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.ema.update(self.model, step)
-        return torch.stack([loss.detach(), grad_norm.detach()])
 
     def resume(self) -> int:
         """Load the newest checkpoint, if any, prepare metrics.jsonl and return the step to start from."""
@@ -372,6 +373,69 @@ class TorchTrainingRun:
             self.store.save(Checkpoint(step, self.model.state_dict(), self.ema.state_dict(self.model), training_state))
         self.last_checkpoint = step
         self.window_start = time.perf_counter()  # keep checkpoint writing out of the steps/s figure
+
+
+class TorchTrainingRun(TrainingRun):
+    """One process's share of a diffusion training run on the digits: the torch twin, AdamW, EMA and data.
+
+    Arguments and errors are those of TrainingRun, plus ValueError when the config has no torch twin.
+    """
+
+    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo):
+        from jaxgen.data import BatchLoader
+        from torch_npu_backend import diffusion
+        from torch_npu_backend.models import build_torch_model
+
+        super().__init__(config, workdir, process)
+        train_data = _load_train_data_in_order(config, process)
+        self.loader = BatchLoader(train_data, config.data.batch_size, seed=config.data.seed)
+        _, height, width, channels = train_data["image"].shape
+        self.image_shape = (channels, height, width)
+
+        torch.manual_seed(config.train.seed)
+        self.model = build_torch_model(config).to(process.device)
+        self.parameter_names = [name for name, _ in self.model.named_parameters()]  # the optimizer's order
+        self.parameters = list(self.model.parameters())
+        self.optimizer, self.scheduler = make_optimizer(self.parameters, config.optim, config.train.num_steps)
+        self.ema = EMA(self.model, config.optim.ema_decay)
+        self.schedule = diffusion.schedule_from_config(config).to(process.device)
+        self.log_setup()
+
+    def training_module(self) -> nn.Module:
+        """Return the model, wrapped in DistributedDataParallel when there are several processes."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.process.world_size == 1:
+            return self.model
+        device_ids = None if self.process.device.type == "cpu" else [self.process.device]
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def train_step(self, trained: nn.Module, step: int) -> torch.Tensor:
+        """Run update `step` (0-based) on this process's rows and return [loss, grad_norm] on the device.
+
+        `trained` is the model, or its DistributedDataParallel wrapper, which averages the gradients over
+        the processes during backward.
+        """
+        from torch_npu_backend import diffusion
+
+        d, device = self.config.diffusion, self.process.device
+        batch = next(self.loader)  # the global batch, the same in every process
+        images = torch.from_numpy(batch["image"][self.rows]).permute(0, 3, 1, 2).to(device)  # [b, C, H, W]
+        labels = torch.from_numpy(batch["label"][self.rows]).long().to(device)
+        draws = diffusion.draw_noise(diffusion.step_generator(self.config.train.seed, step),
+                                     self.config.data.batch_size, self.image_shape, d.num_train_timesteps)
+        draws = draws.slice(self.rows.start, self.rows.stop)
+        labels = diffusion.drop_labels(labels, self.model.null_label, d.cond_drop_prob, draws.drop_uniform.to(device))
+        loss = diffusion.training_loss(trained, self.schedule, images, labels, draws.noise.to(device),
+                                       draws.timesteps.to(device), prediction_type=d.prediction_type,
+                                       min_snr_gamma=d.min_snr_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad_global_norm_(self.parameters, self.config.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model, step)
+        return torch.stack([loss.detach(), grad_norm.detach()])
 
 
 # ---- export to jaxgen ------------------------------------------------------------------------------------
@@ -496,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     from jaxgen.trainer import NonFiniteLossError
     from torch_npu_backend.device import DeviceUnavailableError
 
+    if args.export_jaxgen and config.task != "diffusion":
+        logger.error("--export-jaxgen converts diffusion checkpoints, not task %r; a LoRA run writes its adapters to "
+                     "lora/pytorch_lora_weights.safetensors in the run folder, which jaxgen's load_lora_weights "
+                     "reads. Drop --export-jaxgen", config.task)
+        return 2
     workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config)
     try:
         train(config, workdir=workdir, device=args.device)
