@@ -169,7 +169,8 @@ def training_loss(
     same noise and timesteps.
     """
     x_t = q_sample(schedule, images, t, noise)
-    output = model(x_t, t, labels)
+    # The loss is computed in float32 also when the model runs under bfloat16 or float16 autocast.
+    output = model(x_t, t, labels).float()
     per_example = diffusion_loss(schedule, output, images, noise, t, prediction_type=prediction_type,
                                  min_snr_gamma=min_snr_gamma)
     return per_example.mean()

@@ -13,6 +13,11 @@ the same `load_config`, `load_digits_split` and `BatchLoader` with `data.seed`. 
 torch twin (`torch_npu_backend.models`), trained with AdamW, linear warm-up and cosine decay, global-norm
 gradient clipping and an EMA of the weights, set from `config.optim` as jaxgen's trainer sets them.
 
+Mixed precision: `--precision bfloat16` (the usual choice on Ascend NPUs) or `--precision float16` runs the
+forward pass under torch.autocast. The trained weights, the optimizer state, the norm layers
+(`precision.keep_norms_in_float32`) and the loss stay in float32, and float16 also scales the loss with a
+GradScaler whose state is saved in the checkpoints. The default is float32.
+
 Distributed training on one host:
 
     python -m torch.distributed.run --nproc_per_node 2 --standalone -m torch_npu_backend.train --cfg ddpm_digits
@@ -46,6 +51,7 @@ Differences from `python -m jaxgen.train`:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -53,7 +59,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -146,6 +152,10 @@ def default_workdir(config: config_lib.Config) -> pathlib.Path:
     return pathlib.Path(f"{config.train.workdir}_torch")
 
 
+# --precision choices: the dtype autocast runs the model in. The trained weights, the optimizer state, the
+# norms and the loss stay in float32 (see torch_npu_backend.precision).
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # Tasks with a torch training job. Task "diffusion" also needs a torch twin of its model in
 # torch_npu_backend.models.TWINS.
 SUPPORTED_TASKS = ("diffusion", "text_to_image_lora")
@@ -169,7 +179,7 @@ def training_run_class(task: str) -> type[TrainingRun]:
 
 
 def train(config: config_lib.Config, *, workdir: str | pathlib.Path | None = None,
-          device: str | None = None) -> pathlib.Path:
+          device: str | None = None, precision: str = "float32") -> pathlib.Path:
     """Train the job `config` describes with torch, resuming from the newest checkpoint in its run folder.
 
     Args:
@@ -177,6 +187,8 @@ def train(config: config_lib.Config, *, workdir: str | pathlib.Path | None = Non
             "text_to_image_lora"), such as configs/sd_lora.py and configs/sdxl_lora.py.
         workdir: the run folder, or None for `default_workdir(config)`.
         device: "npu", "cuda" or "cpu", optionally with an index, or None to pick one (see resolve_device).
+        precision: a key of PRECISIONS; "bfloat16" and "float16" train under autocast, and "float16" also
+            scales the loss with a GradScaler.
 
     Raises:
         jaxgen.trainer.NonFiniteLossError: the loss or the parameters became NaN or infinite.
@@ -187,7 +199,8 @@ def train(config: config_lib.Config, *, workdir: str | pathlib.Path | None = Non
     run_class = training_run_class(config.task)
     process = setup_process(device)
     try:
-        run = run_class(config, pathlib.Path(workdir) if workdir is not None else default_workdir(config), process)
+        run = run_class(config, pathlib.Path(workdir) if workdir is not None else default_workdir(config), process,
+                        precision=precision)
         return run.run()
     finally:
         if process.world_size > 1:
@@ -207,15 +220,26 @@ class TrainingRun:
         config: the job.
         workdir: the run folder.
         process: this process's rank, the number of processes and the device (see `setup_process`).
+        precision: a key of PRECISIONS. Subclasses run their forward pass and loss inside `autocast()` and
+            update with `apply_gradients`, which scale the loss for float16.
 
     Raises:
-        ValueError: data.batch_size does not split over the processes.
+        ValueError: data.batch_size does not split over the processes, or precision is unknown.
         jaxgen.checkpoint.RunFolderError: `workdir` contains a run of another model or other data.
     """
 
-    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo):
+    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo, *,
+                 precision: str = "float32"):
         from jaxgen import checkpoint as jaxgen_checkpoint
         from jaxgen.trainer import MetricsWriter
+        from torch_npu_backend.precision import grad_scaler
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is invalid; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.compute_dtype = PRECISIONS[precision]
+        # Enabled only for float16: bfloat16 has float32's exponent range and needs no loss scaling.
+        self.grad_scaler = grad_scaler(process.device, self.compute_dtype)
 
         batch_size = config.data.batch_size
         if batch_size % process.world_size:
@@ -239,8 +263,39 @@ class TrainingRun:
     def log_setup(self) -> None:
         """Log the task, the number of trained parameters, the device and the batch split."""
         count = sum(p.numel() for p in self.parameters)
-        logger.info("task %s: %s parameters on %s, %d process(es) of %d examples each", self.config.task,
-                    f"{count:,}", self.process.device, self.process.world_size, self.local_batch)
+        logger.info("task %s: %s parameters on %s in %s, %d process(es) of %d examples each", self.config.task,
+                    f"{count:,}", self.process.device, self.precision, self.process.world_size, self.local_batch)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Return the autocast context of --precision on this process's device (a no-op for float32)."""
+        from torch_npu_backend.precision import autocast
+
+        return autocast(self.process.device, self.compute_dtype)
+
+    def keep_norms_in_float32(self, module: nn.Module) -> None:
+        """Run the norm layers of `module` in float32 under autocast, when --precision is not float32."""
+        from torch_npu_backend.precision import keep_norms_in_float32
+
+        if self.compute_dtype != torch.float32:
+            keep_norms_in_float32(module)
+
+    def apply_gradients(self, loss: torch.Tensor, before_clip: Callable[[], None] | None = None) -> torch.Tensor:
+        """Backpropagate `loss`, clip the gradients, step the optimizer and the scheduler; return the grad norm.
+
+        For float16 the loss is scaled before backward and the gradients unscaled before clipping. A step
+        whose gradients overflow is skipped by the scaler, which then lowers its scale. `before_clip` runs
+        after backward on the (still scaled) gradients, for example to average them over the processes.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_scaler.scale(loss).backward()
+        if before_clip is not None:
+            before_clip()
+        self.grad_scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_global_norm_(self.parameters, self.config.optim.grad_clip_norm)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        self.scheduler.step()
+        return grad_norm
 
     def training_module(self) -> Any:
         """Return what `train_step` runs. This is the model itself, and subclasses may wrap it for several processes."""
@@ -299,6 +354,8 @@ class TrainingRun:
         self.ema.load_state_dict(checkpoint.ema)
         load_optimizer_state(self.optimizer, self.scheduler, checkpoint.training_state, self.config.optim)
         self.loader.restore(checkpoint.training_state["loader"])
+        if self.grad_scaler.is_enabled() and "grad_scaler" in checkpoint.training_state:
+            self.grad_scaler.load_state_dict(checkpoint.training_state["grad_scaler"])
         self.last_checkpoint = step
         if self.process.is_main:
             jaxgen_checkpoint.truncate_metrics(self.metrics_path, step)
@@ -370,6 +427,8 @@ class TrainingRun:
                 "parameter_names": self.parameter_names,
                 "world_size": self.process.world_size,
             }
+            if self.grad_scaler.is_enabled():
+                training_state["grad_scaler"] = self.grad_scaler.state_dict()
             self.store.save(Checkpoint(step, self.model.state_dict(), self.ema.state_dict(self.model), training_state))
         self.last_checkpoint = step
         self.window_start = time.perf_counter()  # keep checkpoint writing out of the steps/s figure
@@ -381,12 +440,13 @@ class TorchTrainingRun(TrainingRun):
     Arguments and errors are those of TrainingRun, plus ValueError when the config has no torch twin.
     """
 
-    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo):
+    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo, *,
+                 precision: str = "float32"):
         from jaxgen.data import BatchLoader
         from torch_npu_backend import diffusion
         from torch_npu_backend.models import build_torch_model
 
-        super().__init__(config, workdir, process)
+        super().__init__(config, workdir, process, precision=precision)
         train_data = _load_train_data_in_order(config, process)
         self.loader = BatchLoader(train_data, config.data.batch_size, seed=config.data.seed)
         _, height, width, channels = train_data["image"].shape
@@ -394,6 +454,7 @@ class TorchTrainingRun(TrainingRun):
 
         torch.manual_seed(config.train.seed)
         self.model = build_torch_model(config).to(process.device)
+        self.keep_norms_in_float32(self.model)
         self.parameter_names = [name for name, _ in self.model.named_parameters()]  # the optimizer's order
         self.parameters = list(self.model.parameters())
         self.optimizer, self.scheduler = make_optimizer(self.parameters, config.optim, config.train.num_steps)
@@ -426,14 +487,11 @@ class TorchTrainingRun(TrainingRun):
                                      self.config.data.batch_size, self.image_shape, d.num_train_timesteps)
         draws = draws.slice(self.rows.start, self.rows.stop)
         labels = diffusion.drop_labels(labels, self.model.null_label, d.cond_drop_prob, draws.drop_uniform.to(device))
-        loss = diffusion.training_loss(trained, self.schedule, images, labels, draws.noise.to(device),
-                                       draws.timesteps.to(device), prediction_type=d.prediction_type,
-                                       min_snr_gamma=d.min_snr_gamma)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_grad_global_norm_(self.parameters, self.config.optim.grad_clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        with self.autocast():
+            loss = diffusion.training_loss(trained, self.schedule, images, labels, draws.noise.to(device),
+                                           draws.timesteps.to(device), prediction_type=d.prediction_type,
+                                           min_snr_gamma=d.min_snr_gamma)
+        grad_norm = self.apply_gradients(loss)
         self.ema.update(self.model, step)
         return torch.stack([loss.detach(), grad_norm.detach()])
 
@@ -531,6 +589,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="npu, cuda or cpu, optionally with an index (default: JAXGEN_TORCH_DEVICE, else the "
                              "first available of npu, cuda, cpu)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
+                        help="compute dtype under autocast; weights, norms and the loss stay float32, and float16 "
+                             "scales the loss (default: float32; bfloat16 suits Ascend NPUs)")
     parser.add_argument("--export-jaxgen", default=None, metavar="DIR",
                         help="after training, write the newest checkpoint as a jaxgen run folder DIR")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -567,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config)
     try:
-        train(config, workdir=workdir, device=args.device)
+        train(config, workdir=workdir, device=args.device, precision=args.precision)
         if args.export_jaxgen and is_main:
             exported = export_jaxgen(config, workdir, args.export_jaxgen)
             logger.info("wrote the jaxgen run folder %s", exported)

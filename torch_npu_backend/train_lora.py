@@ -49,7 +49,8 @@ Differences from `python -m jaxgen.train`:
       from peft's default initialisation (uniform in +-1/sqrt(in), as jaxgen's, but from torch's
       generator seeded with train.seed). So the losses match jaxgen's in distribution, not value by value.
       tests/test_torch_lora_train.py compares one step from the same weights and draws.
-    - Everything runs in float32, and no sample images are written (sample.prompts is ignored).
+    - The weights are float32, and `--precision bfloat16` or `float16` runs the forward pass under autocast
+      (see torch_npu_backend.train). No sample images are written (sample.prompts is ignored).
 
 Axis letters: B batch, H W image height and width, h w latent height and width, C latent channels, L tokens.
 """
@@ -72,7 +73,7 @@ from torch import nn
 from jaxgen import config as config_lib
 from torch_npu_backend.diffusion import TorchNoiseSchedule
 from torch_npu_backend.train import ProcessInfo, TrainingRun
-from torch_npu_backend.train_state import EMA, clip_grad_global_norm_, make_optimizer
+from torch_npu_backend.train_state import EMA, make_optimizer
 
 __all__ = [
     "LoRAAdapters",
@@ -336,8 +337,9 @@ def text_to_image_loss(components: LoRAComponents, schedule: TorchNoiseSchedule,
                  "time_ids": sdxl_time_ids(batch["original_size"], batch["crop_top_left"], tuple(images.shape[2:]))}
 
     x_t = diffusion.q_sample(schedule, latents, draws.timesteps, draws.noise)
+    # The loss is computed in float32 also when the U-Net runs under bfloat16 or float16 autocast.
     output = components.unet(x_t, draws.timesteps, encoder_hidden_states=condition["context"],
-                             added_cond_kwargs=added).sample
+                             added_cond_kwargs=added).sample.float()
     per_example = diffusion.diffusion_loss(schedule, output, latents, draws.noise, draws.timesteps,
                                            prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
     return per_example.mean()
@@ -400,8 +402,9 @@ class LoRATrainingRun(TrainingRun):
         task: the jaxgen TextToImageLoRATask that supplies the base folder, data, schedule and empty caption.
     """
 
-    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo):
-        super().__init__(config, workdir, process)
+    def __init__(self, config: config_lib.Config, workdir: pathlib.Path, process: ProcessInfo, *,
+                 precision: str = "float32"):
+        super().__init__(config, workdir, process, precision=precision)
         # Process 0 goes first, because it writes the random base pipeline and the digit caption folder on first use.
         if process.is_main:
             self.task, train_data = _make_task(config)
@@ -413,6 +416,8 @@ class LoRATrainingRun(TrainingRun):
 
         torch.manual_seed(config.train.seed)
         self.components = load_lora_components(self.task.folder, config.model, process.device)
+        for module in (self.components.unet, self.components.vae, *self.components.text_encoders):
+            self.keep_norms_in_float32(module)
         self.model = LoRAAdapters(self.components.unet)
         self.parameter_names = [name for name, _ in self.model.named_parameters()]  # the optimizer's order
         self.parameters = list(self.model.parameters())
@@ -445,18 +450,13 @@ class LoRATrainingRun(TrainingRun):
         batch = next(self.loader)  # the global batch, the same in every process
         draws = self.draws(step, batch["image"].shape[1:3]).slice(self.rows.start, self.rows.stop)
         draws = LoRANoiseDraw(*(getattr(draws, field.name).to(device) for field in dataclasses.fields(draws)))
-        loss = text_to_image_loss(self.components, self.schedule, batch_to_tensors(batch, self.rows, device), draws,
-                                  empty_ids=self.empty_ids,
-                                  caption_dropout_prob=self.config.diffusion.caption_dropout_prob,
-                                  prediction_type=self.task.prediction_type,
-                                  min_snr_gamma=self.config.diffusion.min_snr_gamma)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.process.world_size > 1:
-            self._average_gradients()
-        grad_norm = clip_grad_global_norm_(self.parameters, self.config.optim.grad_clip_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        with self.autocast():
+            loss = text_to_image_loss(self.components, self.schedule, batch_to_tensors(batch, self.rows, device),
+                                      draws, empty_ids=self.empty_ids,
+                                      caption_dropout_prob=self.config.diffusion.caption_dropout_prob,
+                                      prediction_type=self.task.prediction_type,
+                                      min_snr_gamma=self.config.diffusion.min_snr_gamma)
+        grad_norm = self.apply_gradients(loss, self._average_gradients if self.process.world_size > 1 else None)
         self.ema.update(self.model, step)
         return torch.stack([loss.detach(), grad_norm.detach()])
 
