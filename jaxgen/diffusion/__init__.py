@@ -11,6 +11,19 @@ from jaxgen.diffusion.forward import (
     velocity_target,
 )
 from jaxgen.diffusion.guidance import cfg_combine, cfg_model_fn, classifier_guided_model_fn, drop_condition
+from jaxgen.diffusion.rectified_flow import (
+    TIMESTEP_SAMPLING_METHODS,
+    VELOCITY_CONVENTIONS,
+    resolution_shift,
+    rf_add_noise,
+    rf_euler_sample,
+    rf_euler_step,
+    rf_loss,
+    rf_sample_timesteps,
+    rf_timestep_grid,
+    rf_velocity_target,
+    shift_timesteps,
+)
 from jaxgen.diffusion.samplers import (
     SAMPLERS,
     DPMSolverHistory,
@@ -44,6 +57,8 @@ __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
     "SCHEDULE_KINDS",
+    "TIMESTEP_SAMPLING_METHODS",
+    "VELOCITY_CONVENTIONS",
     "DPMSolverHistory",
     "SchedulerSetup",
     "NoiseSchedule",
@@ -74,8 +89,17 @@ __all__ = [
     "predict_x0",
     "q_sample",
     "rescale_betas_zero_terminal_snr",
+    "resolution_shift",
+    "rf_add_noise",
+    "rf_euler_sample",
+    "rf_euler_step",
+    "rf_loss",
+    "rf_sample_timesteps",
+    "rf_timestep_grid",
+    "rf_velocity_target",
     "sample",
     "sampler_options",
+    "shift_timesteps",
     "start_sample",
     "velocity_target",
 ]
