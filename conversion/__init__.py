@@ -11,6 +11,7 @@ from conversion.rules import (
 )
 from conversion.transformers_io import load_clip_text, load_clip_tokenizer, save_clip_text, tokenize
 from conversion.lora_io import LoRAFileError, load_lora_weights, read_lora_adapters, save_lora_weights
+from conversion.t5_io import load_t5_encoder, load_t5_tokenizer, save_t5_encoder
 
 __all__ = [
     "CheckpointMismatchError",
@@ -33,4 +34,7 @@ __all__ = [
     "load_lora_weights",
     "read_lora_adapters",
     "save_lora_weights",
+    "load_t5_encoder",
+    "load_t5_tokenizer",
+    "save_t5_encoder",
 ]

@@ -25,6 +25,7 @@ def dot_product_attention(
     v: jax.Array,
     mask: jax.Array | None = None,
     *,
+    bias: jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
     """Compute softmax(q k^T * scale) v per head.
@@ -36,6 +37,8 @@ def dot_product_attention(
         mask: optional boolean array broadcastable to [B, N, L, S]; True keeps a key, False drops
             it. A query row whose keys are all dropped gets equal weights on every key, so it
             returns the mean of `v` (checked with jax 0.10.2), not NaN.
+        bias: optional additive logit bias broadcastable to [B, N, L, S], added after scaling, such as
+            T5's relative position bias.
         scale: multiplier of the logits; defaults to 1 / sqrt(D).
 
     Returns:
@@ -68,5 +71,14 @@ def dot_product_attention(
         # masks such as [L, S] or [B, 1, 1, S] broadcast as they would in numpy.
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
 
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.ndim > 4:
+            raise ValueError(
+                f"dot_product_attention expects a bias broadcastable to [B, N, L, S], got shape {bias.shape}; "
+                "drop the extra axes."
+            )
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+
     # implementation=None lets JAX pick: cuDNN when available on GPU, the XLA einsum form elsewhere.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
