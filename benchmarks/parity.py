@@ -155,12 +155,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed calls per backend and model; the tables report their median")
     parser.add_argument("--out", default="benchmarks/results/parity.json", help="JSON output path")
-    parser.add_argument("--markdown", default="benchmarks/results/parity.md", help="Markdown table output path")
+    parser.add_argument("--markdown", default=None,
+                        help="Markdown table output path (default: the --out path with the suffix .md)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (torch.set_num_threads); default: torch's own choice")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="device of the torch side; 'auto' uses JAXGEN_TORCH_DEVICE if set, else the first "
-                             "available of npu, cuda and cpu. jaxgen runs on JAX's default backend")
+                        help="device of the torch side (default: cpu, whatever JAXGEN_TORCH_DEVICE says); 'auto' "
+                             "uses JAXGEN_TORCH_DEVICE if set, else the first available of npu, cuda and cpu. jaxgen "
+                             "runs on JAX's default backend")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile columns, which compile every torch model first (minutes)")
     args = parser.parse_args(argv)
@@ -838,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-    markdown = pathlib.Path(args.markdown)
+    markdown = pathlib.Path(args.markdown) if args.markdown else out.with_suffix(".md")
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(table + "\n")
     print(f"wrote {markdown}")

@@ -83,6 +83,7 @@ __all__ = [
     "LORA_WEIGHT_NAME",
     "METADATA_KEY",
     "LoRAFileError",
+    "check_lora_pairs",
     "LoRALoadResult",
     "kohya_names",
     "ldm_unet_paths",
@@ -216,6 +217,41 @@ def lora_state_dict(models: Mapping[str, nnx.Module]) -> tuple[dict[str, np.ndar
             f"None of the models {sorted(models)} has LoRA layers. Add them with jaxgen.lora.apply_lora first."
         )
     return state_dict, metadata
+
+
+_PAIRED_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down",
+                    ".lora_up.weight": "up"}
+
+
+def check_lora_pairs(state_dict: Mapping[str, np.ndarray], source: str = "the LoRA file") -> None:
+    """Check, without any model, that a LoRA state dict contains only paired down/up matrices and alphas.
+
+    Raises:
+        LoRAFileError: the state dict is empty, has a key of neither the diffusers/peft nor the kohya
+            layout, or a down matrix without its up matrix (or the reverse). The message names the keys.
+    """
+    if not state_dict:
+        raise LoRAFileError(f"{source} contains no tensors; pass a file written by save_lora_weights or diffusers")
+    downs, ups, unsupported = set(), set(), []
+    for key in state_dict:
+        suffix = next((suffix for suffix in _PAIRED_SUFFIXES if key.endswith(suffix)), None)
+        if suffix is None:
+            if not key.endswith(".alpha"):
+                unsupported.append(key)
+            continue
+        (downs if _PAIRED_SUFFIXES[suffix] == "down" else ups).add(key[: -len(suffix)])
+    if unsupported:
+        raise LoRAFileError(
+            f"{source} has keys of no LoRA layout: {', '.join(sorted(unsupported)[:5])}"
+            f"{' ...' if len(unsupported) > 5 else ''}; expected names ending in .lora_A.weight and .lora_B.weight "
+            "(diffusers/peft) or .lora_down.weight, .lora_up.weight and .alpha (kohya)"
+        )
+    unpaired = sorted(downs ^ ups)
+    if unpaired:
+        raise LoRAFileError(
+            f"{source} has layers with only one of the down (lora_A) and up (lora_B) matrices: "
+            f"{', '.join(unpaired[:5])}{' ...' if len(unpaired) > 5 else ''}"
+        )
 
 
 def _lora_file_path(path: str | Path) -> Path:

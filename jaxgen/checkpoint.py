@@ -39,12 +39,21 @@ def check_run_folder(workdir: pathlib.Path, config: config_lib.Config) -> None:
     if not path.exists():
         return
     existing = config_lib.read_config(path)
-    if model_signature(existing) != model_signature(config):
+    old_signature, new_signature = model_signature(existing), model_signature(config)
+    if old_signature != new_signature:
+        if existing.task == config.task and type(existing.model) is type(config.model):
+            changed = "; ".join(
+                f"model.{name} was {old_signature['model'].get(name)!r}, now {new_signature['model'].get(name)!r}"
+                for name in sorted(set(old_signature["model"]) | set(new_signature["model"]))
+                if old_signature["model"].get(name) != new_signature["model"].get(name)
+            )
+        else:
+            changed = (f"task {existing.task!r} with {type(existing.model).__name__}, now task {config.task!r} with "
+                       f"{type(config.model).__name__}")
         raise RunFolderError(
-            f"run folder {workdir} contains a checkpoint of another model (task {existing.task!r}, "
-            f"model {type(existing.model).__name__}) than this config (task {config.task!r}, model "
-            f"{type(config.model).__name__}, or the same class with other settings); choose a new folder with "
-            f"--set train.workdir=PATH or delete {workdir}"
+            f"run folder {workdir} contains a checkpoint of another model ({changed}); set the saved values back "
+            f"(see {path}), or choose a new run folder (--set train.workdir=PATH, or --workdir PATH for "
+            f"torch_npu_backend.train) or delete {workdir}"
         )
     changed = [(name, old, new) for name, old, new in _resume_fields(existing, config) if old != new]
     if changed:
@@ -137,12 +146,24 @@ def restore_params(workdir: str | pathlib.Path, abstract_state: Any, *, step: in
 
 
 def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Drop metric lines written after `last_step`, so a resumed run appends after its checkpoint."""
+    """Drop metric lines written after `last_step`, so a resumed run appends after its checkpoint.
+
+    A line that is not a JSON object, such as the last line of a run killed while writing it, is dropped
+    with a warning naming the file and the line number.
+    """
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= last_step:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record.get("step", 0)
+        except (ValueError, AttributeError):
+            logger.warning("%s line %d is not a JSON metrics record (%r); dropped it", path, number, line[:80])
+            continue
+        if step <= last_step:
             kept.append(line)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))

@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     import numpy as np
     from PIL import Image
 
+    from safetensors import SafetensorError
+
     from conversion.rules import CheckpointMismatchError
     from jaxgen.pipelines import PipelineFolderError
     from jaxgen.runtime import enable_compilation_cache
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
             result = pipeline.load_lora_weights(lora)
             adapted = sum(len(paths) for paths in result.adapted.values())
             print(f"loaded LoRA {lora}: {adapted} layers adapted")
-    except (PipelineFolderError, FileNotFoundError, CheckpointMismatchError, ValueError) as error:
+    except (PipelineFolderError, FileNotFoundError, CheckpointMismatchError, ValueError, SafetensorError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

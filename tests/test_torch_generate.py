@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -146,3 +148,34 @@ def test_cli_reports_missing_npu(sd_folder, tmp_path, capsys, monkeypatch):
 
     assert status == 2
     assert "torch_npu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"unet.down.to_q.lora_Z.weight": np.zeros((4, 8), np.float32),
+          "unet.down.to_q.lora_B.weight": np.zeros((8, 4), np.float32)}, "keys of no LoRA layout: unet.down.to_q.lora_Z"),
+        ({"unet.down.to_q.lora_A.weight": np.zeros((4, 8), np.float32)}, "only one of the down .* unet.down.to_q"),
+        ({}, "contains no tensors"),
+    ],
+    ids=["unknown-key", "unpaired", "empty"],
+)
+def test_cli_rejects_malformed_lora_file(sd_folder, tmp_path, capsys, tensors, message):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path)
+    status = torch_generate.main(["--model", str(sd_folder), "--prompt", "a cat", "--lora", str(path),
+                                  "--out", str(tmp_path / "x.png")])
+
+    assert status == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_rejects_missing_lora_file(sd_folder, tmp_path, capsys):
+    status = torch_generate.main(["--model", str(sd_folder), "--prompt", "a cat", "--lora",
+                                  str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.png")])
+
+    assert status == 2
+    assert "none.safetensors not found" in capsys.readouterr().err

@@ -299,9 +299,24 @@ def test_cli_checkpoint_without_weights(tiny_run, tmp_path, capsys):
     (run / "checkpoints" / "4").mkdir(parents=True)  # a step folder without safetensors files, as Orbax writes
     (run / "config.json").write_text((tiny_run / "config.json").read_text())
     assert sample_cli.main(["--run", str(run)]) == 2
-    assert "has no ema.safetensors" in capsys.readouterr().err
+    assert "(4) have no model.safetensors and ema.safetensors" in capsys.readouterr().err
+
+
+def test_cli_corrupt_weights_named(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / "2" / "ema.safetensors").write_bytes(b"not a safetensors file")
+    assert sample_cli.main(["--run", str(run)]) == 2
+    assert "ema.safetensors is unreadable" in capsys.readouterr().err
 
 
 def test_cli_missing_step(tiny_run, capsys):
     assert sample_cli.main(["--run", str(tiny_run), "--step", "5"]) == 2
     assert "has no checkpoint of step 5; its checkpoints are steps 2" in capsys.readouterr().err
+
+
+def test_cli_rejects_eta_outside_unit_interval(tiny_run, capsys):
+    assert sample_cli.main(["--run", str(tiny_run), "--sampler", "ddim", "--eta", "2"]) == 2
+    assert "eta=2.0 is invalid; use a value in [0, 1]" in capsys.readouterr().err

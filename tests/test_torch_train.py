@@ -529,3 +529,73 @@ def test_unknown_precision_rejected(tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit):
         torch_train.parse_args(["--cfg", "ddpm_digits", "--precision", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+# ---- run folder safety ----------------------------------------------------------------------------------------
+
+
+def test_run_folder_locked_by_live_process(tmp_path, data_dir):
+    import socket
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / torch_train.LOCK_FILE).write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    process = torch_train.ProcessInfo(rank=0, world_size=1, device=torch.device("cpu"))
+
+    with pytest.raises(jaxgen_checkpoint.RunFolderError, match=rf"in use by process {os.getppid()} on host"):
+        torch_train.TorchTrainingRun(tiny_config(data_dir), tmp_path, process)
+
+
+def test_stale_lock_replaced(tmp_path, data_dir):
+    import socket
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    (tmp_path / torch_train.LOCK_FILE).write_text(f"{socket.gethostname()} {finished.stdout.strip()}\n")
+    process = torch_train.ProcessInfo(rank=0, world_size=1, device=torch.device("cpu"))
+
+    run = torch_train.TorchTrainingRun(tiny_config(data_dir), tmp_path, process)
+    assert (tmp_path / torch_train.LOCK_FILE).read_text().split() == [socket.gethostname(), str(os.getpid())]
+    run.release()
+    assert not (tmp_path / torch_train.LOCK_FILE).exists()
+
+
+def test_broken_metrics_line_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+
+    jaxgen_checkpoint.truncate_metrics(path, 2)
+
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_interrupted_rewrite_restores_previous_checkpoint(tmp_path):
+    store = train_state.CheckpointStore(tmp_path, max_to_keep=2)
+    weights = {"w": torch.ones(2)}
+    store.save(train_state.Checkpoint(4, weights, weights, {"step": 4}))
+    # A run killed between save's two renames leaves the old step-4 folder under its temporary name.
+    os.replace(store.directory / "4", store.directory / ".tmp-stale-4-123")
+
+    store.remove_partial()
+
+    assert store.steps() == [4]
+    assert torch.equal(store.restore(4).model["w"], weights["w"])
+
+
+def test_corrupt_checkpoint_file_named(tmp_path):
+    store = train_state.CheckpointStore(tmp_path, max_to_keep=2)
+    weights = {"w": torch.ones(2)}
+    store.save(train_state.Checkpoint(4, weights, weights, {"step": 4}))
+    (store.directory / "4" / "ema.safetensors").write_bytes(b"\x00" * 12)
+
+    with pytest.raises(train_state.CorruptCheckpointError, match=r"4/ema.safetensors is unreadable.*delete"):
+        store.restore(4)
+
+
+def test_changed_model_setting_named(tmp_path, data_dir):
+    config = tiny_config(data_dir)
+    (tmp_path / "run").mkdir()
+    config_lib.save_config(config, tmp_path / "run" / jaxgen_checkpoint.CONFIG_FILE)
+    changed = tiny_config(data_dir, "model.norm_num_groups=8")
+
+    with pytest.raises(jaxgen_checkpoint.RunFolderError, match=r"model.norm_num_groups was 4, now 8.*--workdir"):
+        jaxgen_checkpoint.check_run_folder(tmp_path / "run", changed)

@@ -128,6 +128,31 @@ def generate(pipeline, prompts: Sequence[str], negative_prompt: str | None = Non
     return np.asarray(result.images, dtype=np.float32)
 
 
+def load_lora(pipeline, path: str | pathlib.Path) -> None:
+    """Check a LoRA file's keys with jaxgen's rules, then load it with diffusers' `load_lora_weights`.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is unreadable, its keys are not paired LoRA matrices (conversion.lora_io.LoRAFileError),
+            or its shapes do not fit the pipeline.
+    """
+    from safetensors import SafetensorError
+
+    from conversion.lora_io import check_lora_pairs, read_lora_file
+
+    try:
+        tensors, _ = read_lora_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"LoRA file {path} is not a readable safetensors file: {error}") from error
+    check_lora_pairs(tensors, f"LoRA file {path}")
+    try:
+        pipeline.load_lora_weights(str(path))
+    except (RuntimeError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"LoRA file {path} does not fit the pipeline's models ({first_line}); pass a LoRA trained "
+                         "on this base model") from error
+
+
 def output_paths(out: pathlib.Path, count: int) -> list[pathlib.Path]:
     """Return `out` for the first image and out_1, out_2, ... for the others."""
     return [out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
@@ -146,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         pipeline = load_pipeline(args.model, device, getattr(torch, args.dtype))
         for lora in args.lora:
-            pipeline.load_lora_weights(lora)
+            load_lora(pipeline, lora)
             print(f"loaded LoRA {lora}")
     except (DeviceUnavailableError, FileNotFoundError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -154,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("generating %d image(s) on %s in %s", len(args.prompt), device, args.dtype)
     images = generate(pipeline, args.prompt, args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed)
+    if not np.isfinite(images).all():
+        print(f"error: the generated images contain NaN or infinite values, so nothing was written. With "
+              f"--dtype {args.dtype}, try --dtype float32; check the --lora files", file=sys.stderr)
+        return 1
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,11 @@ def load_weights(run: pathlib.Path, *, step: int | None, ema: bool) -> tuple[dic
     store = CheckpointStore(run, max_to_keep=1)
     steps = store.steps()
     if not steps:
+        step_folders = sorted(store.directory.glob("[0-9]*")) if store.directory.is_dir() else []
+        if step_folders:
+            raise SampleError(f"the checkpoints of run folder {run} ({', '.join(p.name for p in step_folders)}) have no "
+                              f"{MODEL_FILE} and {EMA_FILE}, so python -m torch_npu_backend.train did not write them; "
+                              "sample a jaxgen run folder with python -m jaxgen.sample")
         raise SampleError(f"run folder {run} has no checkpoint under {store.directory}; train first, e.g. "
                           "python -m torch_npu_backend.train --cfg ddpm_digits")
     if step is None:
@@ -96,7 +101,11 @@ def load_weights(run: pathlib.Path, *, step: int | None, ema: bool) -> tuple[dic
     if not path.is_file():
         raise SampleError(f"checkpoint {folder} has no {path.name}, so python -m torch_npu_backend.train did not "
                           "write it; sample a jaxgen run folder with python -m jaxgen.sample, or pick another --step")
-    return load_file(path), step
+    try:
+        return load_file(path), step
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise SampleError(f"checkpoint file {path} is unreadable ({type(error).__name__}: {error}); pick another "
+                          "--step or retrain") from error
 
 
 def main(argv: list[str] | None = None) -> int:

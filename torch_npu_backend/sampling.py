@@ -97,8 +97,11 @@ def sampler_settings(diffusion: DiffusionConfig, sample_config: SampleConfig) ->
     """Return the step count and per-step options that jaxgen's sampler uses for these configs.
 
     Raises:
-        ValueError: sample_config.sampler is not one of SAMPLERS.
+        ValueError: sample_config.sampler is not one of SAMPLERS, or sample_config.eta is outside [0, 1].
     """
+    if not 0.0 <= sample_config.eta <= 1.0:
+        raise ValueError(f"eta={sample_config.eta} is invalid; use a value in [0, 1] (0 is deterministic DDIM, "
+                         "1 is DDPM-like)")
     name, options = _jaxgen_options(diffusion, sample_config)
     if name == "ddpm":
         num_steps = options["num_steps"] or diffusion.num_train_timesteps

@@ -161,6 +161,56 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 SUPPORTED_TASKS = ("diffusion", "text_to_image_lora")
 
 
+LOCK_FILE = ".lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists but belongs to another user
+    return True
+
+
+def lock_run_folder(workdir: pathlib.Path) -> pathlib.Path:
+    """Create workdir/.lock with this process's host and PID, so that two runs cannot train in one folder.
+
+    A lock left by a process that no longer runs on this host is replaced. A lock of this process is kept.
+
+    Raises:
+        jaxgen.checkpoint.RunFolderError: another live process holds the lock; the message names it.
+    """
+    import socket
+
+    from jaxgen import checkpoint as jaxgen_checkpoint
+
+    path = workdir / LOCK_FILE
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid_text = path.read_text().strip().partition(" ")
+            pid = int(pid_text) if pid_text.isdigit() else None
+            if host == socket.gethostname() and pid == os.getpid():
+                return path
+            if host == socket.gethostname() and pid is not None and not _process_alive(pid):
+                logger.warning("removing the stale lock %s of process %d, which no longer runs", path, pid)
+                path.unlink(missing_ok=True)
+                continue
+            raise jaxgen_checkpoint.RunFolderError(
+                f"run folder {workdir} is in use by process {pid_text or '?'} on host {host or '?'} (lock file "
+                f"{path}); wait for that run to finish or stop it, use another --workdir, or delete {path} if that "
+                "process no longer runs"
+            ) from None
+        with os.fdopen(descriptor, "w") as file:
+            file.write(owner + "\n")
+        return path
+    raise jaxgen_checkpoint.RunFolderError(f"could not take the lock {path}; delete it if no run uses {workdir}")
+
+
 def training_run_class(task: str) -> type[TrainingRun]:
     """Return the TrainingRun subclass that trains `task`.
 
@@ -198,11 +248,14 @@ def train(config: config_lib.Config, *, workdir: str | pathlib.Path | None = Non
     """
     run_class = training_run_class(config.task)
     process = setup_process(device)
+    run = None
     try:
         run = run_class(config, pathlib.Path(workdir) if workdir is not None else default_workdir(config), process,
                         precision=precision)
         return run.run()
     finally:
+        if run is not None:
+            run.release()
         if process.world_size > 1:
             dist.destroy_process_group()
 
@@ -249,9 +302,11 @@ class TrainingRun:
         self.local_batch = batch_size // process.world_size
         # This process trains on these rows of every global batch.
         self.rows = slice(process.rank * self.local_batch, (process.rank + 1) * self.local_batch)
+        self.lock_path: pathlib.Path | None = None
         if process.is_main:
             jaxgen_checkpoint.check_run_folder(workdir, config)
             workdir.mkdir(parents=True, exist_ok=True)
+            self.lock_path = lock_run_folder(workdir)
         self.store = CheckpointStore(workdir, max_to_keep=config.train.keep_checkpoints)
         self.metrics_path = workdir / METRICS_FILE
         self.metrics_out = MetricsWriter(self.metrics_path)
@@ -259,6 +314,12 @@ class TrainingRun:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad_norm]) still on the device
         self.last_checkpoint: int | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def release(self) -> None:
+        """Remove the run folder's lock file, so another run may train in the folder."""
+        if self.lock_path is not None:
+            self.lock_path.unlink(missing_ok=True)
+            self.lock_path = None
 
     def log_setup(self) -> None:
         """Log the task, the number of trained parameters, the device and the batch split."""
@@ -639,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     except (ValueError, FileNotFoundError) as error:
-        logger.error("invalid config: %s", error)
+        # Config values the job rejects, unreadable checkpoints (CorruptCheckpointError) and missing files.
+        logger.error("%s", error)
         return 2
     return 0
 

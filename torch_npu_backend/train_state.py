@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import logging
 import os
 import pathlib
 import shutil
@@ -25,6 +26,7 @@ __all__ = [
     "EMA",
     "Checkpoint",
     "CheckpointStore",
+    "CorruptCheckpointError",
     "clip_grad_global_norm_",
     "ema_decay",
     "learning_rate_factor",
@@ -36,6 +38,10 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
+CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, TRAINING_STATE_FILE)
+
+logger = logging.getLogger(__name__)
+
 # Adam's epsilon, optax's and torch's default.
 ADAM_EPS = 1e-8
 
@@ -165,12 +171,16 @@ class Checkpoint:
     training_state: dict[str, Any]
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read."""
+
+
 class CheckpointStore:
     """Checkpoints of one run folder: checkpoints/<step>/ with model, EMA and training-state files.
 
     A checkpoint is written into a temporary folder that is renamed to its step with os.replace, so a
-    killed run leaves either a complete checkpoint or none. Only folders named by a step count, and
-    every file in them, count as checkpoints.
+    killed run leaves either a complete checkpoint or none. Only folders named by a step count that contain
+    all three files count as checkpoints. Other step folders are skipped with a warning.
     """
 
     def __init__(self, workdir: pathlib.Path, *, max_to_keep: int):
@@ -181,7 +191,16 @@ class CheckpointStore:
         """Return the steps of the complete checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        return sorted(int(path.name) for path in self.directory.iterdir() if path.name.isdigit())
+        steps = []
+        for path in self.directory.iterdir():
+            if not path.name.isdigit():
+                continue
+            missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+            if missing:
+                logger.warning("skipping the incomplete checkpoint %s: it lacks %s", path, ", ".join(missing))
+                continue
+            steps.append(int(path.name))
+        return sorted(steps)
 
     def latest_step(self) -> int | None:
         """Return the step of the newest complete checkpoint, or None."""
@@ -189,10 +208,19 @@ class CheckpointStore:
         return steps[-1] if steps else None
 
     def remove_partial(self) -> None:
-        """Delete the temporary folders of checkpoints whose writing was interrupted."""
-        if self.directory.is_dir():
-            for path in self.directory.glob(".tmp-*"):
-                shutil.rmtree(path, ignore_errors=True)
+        """Delete the temporary folders of checkpoints whose writing was interrupted.
+
+        A step's previous checkpoint that `save` had moved aside (.tmp-stale-<step>-<pid>) is moved back when
+        the run was killed before the new one took its place, so no complete checkpoint is lost.
+        """
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.glob(".tmp-stale-*"):
+            final = self.directory / path.name.split("-")[2]
+            if not final.exists():
+                os.replace(path, final)
+        for path in self.directory.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def save(self, checkpoint: Checkpoint) -> pathlib.Path:
         """Write `checkpoint`, delete the oldest ones beyond max_to_keep and return its folder."""
@@ -225,13 +253,23 @@ class CheckpointStore:
         from safetensors.torch import load_file
 
         folder = self.directory / str(step)
-        missing = [name for name in (MODEL_FILE, EMA_FILE, TRAINING_STATE_FILE) if not (folder / name).is_file()]
+        missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"checkpoint {folder} lacks {', '.join(missing)}; delete the folder to resume "
                                     "from the checkpoint before it")
-        training_state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
-        return Checkpoint(step=step, model=load_file(folder / MODEL_FILE), ema=load_file(folder / EMA_FILE),
-                          training_state=training_state)
+        current = folder / TRAINING_STATE_FILE
+        try:
+            training_state = torch.load(current, map_location="cpu", weights_only=True)
+            current = folder / MODEL_FILE
+            model = load_file(current)
+            current = folder / EMA_FILE
+            ema = load_file(current)
+        except Exception as error:  # noqa: BLE001 - safetensors and torch.load raise several unrelated types
+            raise CorruptCheckpointError(
+                f"checkpoint file {current} is unreadable ({type(error).__name__}: {error}); delete {folder} to "
+                "resume from the checkpoint before it"
+            ) from error
+        return Checkpoint(step=step, model=model, ema=ema, training_state=training_state)
 
 
 def _contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
