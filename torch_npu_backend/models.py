@@ -196,6 +196,18 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# Modules that register hand-written twins when imported. They are imported on the first lookup, so
+# `torch_twin(stdit3_model)` works without importing torch_npu_backend.stdit3 first.
+TWIN_MODULES = ("torch_npu_backend.stdit3",)
+
+
+def _import_twin_modules() -> None:
+    import importlib
+
+    for name in TWIN_MODULES:
+        importlib.import_module(name)
+
+
 def find_twin(model: nnx.Module | nn.Module | type) -> ModelTwin:
     """Return the registry entry of a jaxgen model or torch twin, given an instance or a class.
 
@@ -205,6 +217,7 @@ def find_twin(model: nnx.Module | nn.Module | type) -> ModelTwin:
         TypeError: neither the class nor a base class is registered. The message lists the registered pairs.
     """
     cls = model if isinstance(model, type) else type(model)
+    _import_twin_modules()
     by_torch_class = {twin.torch_class: twin for twin in MODEL_TWINS.values()}
     for base in cls.__mro__:
         if base in MODEL_TWINS:
