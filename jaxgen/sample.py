@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_compilation_cache()
 
+    if any(pathlib.Path(args.run).glob("checkpoints/*/training_state.pt")):
+        print(f"error: {args.run} is a run folder of python -m torch_npu_backend.train; sample it with python -m "
+              f"torch_npu_backend.sample --run {args.run}, or convert it with python -m torch_npu_backend.train ... "
+              "--export-jaxgen DIR", file=sys.stderr)
+        return 2
     try:
         config = checkpoint.read_run_config(args.run, expected_task="diffusion")
         classifier = None

@@ -599,3 +599,10 @@ def test_changed_model_setting_named(tmp_path, data_dir):
 
     with pytest.raises(jaxgen_checkpoint.RunFolderError, match=r"model.norm_num_groups was 4, now 8.*--workdir"):
         jaxgen_checkpoint.check_run_folder(tmp_path / "run", changed)
+
+
+def test_jaxgen_sample_points_torch_run_to_torch_sampler(reference_run, capsys):
+    from jaxgen import sample as jaxgen_sample
+
+    assert jaxgen_sample.main(["--run", str(reference_run)]) == 2
+    assert "sample it with python -m torch_npu_backend.sample" in capsys.readouterr().err
