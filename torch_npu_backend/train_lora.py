@@ -374,6 +374,10 @@ def write_lora_file(workdir: pathlib.Path, unet: nn.Module, adapter_state: Mappi
     # to_dict() gives every LoraConfig field. diffusers stores them under "unet." in the file header,
     # and loaders read r, lora_alpha and the patterns from there.
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    # peft stores target_modules as a set, whose order changes between processes; sorting keeps the file's
+    # bytes the same for the same adapters.
+    if isinstance(metadata.get("target_modules"), (set, frozenset, list, tuple)):
+        metadata["target_modules"] = sorted(metadata["target_modules"])
     scratch = workdir / f".{LORA_FOLDER}.partial-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     pipeline_class.save_lora_weights(scratch, unet_lora_layers=lora_file_state_dict(unet, adapter_state),
