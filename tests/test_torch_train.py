@@ -337,7 +337,9 @@ def test_ema_decay_matches_jaxgen():
 
 def test_partial_checkpoint_ignored(tmp_path):
     store = train_state.CheckpointStore(tmp_path, max_to_keep=2)
-    (store.directory / "5").mkdir(parents=True)
+    weights = {"w": torch.ones(2)}
+    store.save(train_state.Checkpoint(5, weights, weights, {"step": 5}))
+    (store.directory / "7").mkdir()  # a step folder without the checkpoint files is skipped too
     partial = store.directory / ".tmp-10-1234"
     partial.mkdir()
     (partial / train_state.MODEL_FILE).write_bytes(b"cut off")
