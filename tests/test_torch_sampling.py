@@ -320,3 +320,11 @@ def test_cli_missing_step(tiny_run, capsys):
 def test_cli_rejects_eta_outside_unit_interval(tiny_run, capsys):
     assert sample_cli.main(["--run", str(tiny_run), "--sampler", "ddim", "--eta", "2"]) == 2
     assert "eta=2.0 is invalid; use a value in [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_warns_about_ignored_options(tiny_run, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert sample_cli.main(["--run", str(tiny_run), "--sampler", "dpmpp_2m", "--steps", "2", "--eta", "0.5",
+                            "--labels", "1", "--out", str(out)]) == 0
+    assert "--eta 0.5 is ignored by the dpmpp_2m sampler; it applies to ddim" in capsys.readouterr().err
+    assert out.is_file()

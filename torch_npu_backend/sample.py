@@ -62,13 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Samplers with a step count and timestep spacing of their own; DDPM always runs every training timestep.
+NON_DDPM_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_karras")
+
+
 def _sample_config(config, args: argparse.Namespace):
     """Return the run config's SampleConfig with the options given on the command line replaced."""
     import dataclasses
 
     changes = {"sampler": args.sampler, "num_steps": args.steps, "eta": args.eta, "spacing": args.spacing,
                "clip_sample": args.clip_sample, "guidance_scale": args.guidance, "samples_per_class": args.per_class}
-    return dataclasses.replace(config.sample, **{key: value for key, value in changes.items() if value is not None})
+    sample_config = dataclasses.replace(config.sample,
+                                        **{key: value for key, value in changes.items() if value is not None})
+    for flag, value, used_by in (("--eta", args.eta, ("ddim",)), ("--spacing", args.spacing, NON_DDPM_SAMPLERS),
+                                 ("--steps", args.steps, NON_DDPM_SAMPLERS)):
+        if value is not None and sample_config.sampler not in used_by:
+            print(f"warning: {flag} {value} is ignored by the {sample_config.sampler} sampler; it applies to "
+                  f"{', '.join(used_by)}", file=sys.stderr)
+    return sample_config
 
 
 def load_weights(run: pathlib.Path, *, step: int | None, ema: bool) -> tuple[dict, int]:
