@@ -160,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (torch.set_num_threads); default: torch's own choice")
     parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="device of the torch side (default: cpu, whatever JAXGEN_TORCH_DEVICE says); 'auto' "
+                        help="device of the torch side (default: cpu, even when JAXGEN_TORCH_DEVICE is set); 'auto' "
                              "uses JAXGEN_TORCH_DEVICE if set, else the first available of npu, cuda and cpu. jaxgen "
                              "runs on JAX's default backend")
     parser.add_argument("--no-compile", dest="compile", action="store_false",

@@ -498,7 +498,7 @@ def test_norms_run_in_float32_under_bfloat16(tmp_path, data_dir):
     def record_conv_output(module, args, output):
         seen.setdefault("conv_in output", output.dtype)
 
-    # keep_norms_in_float32's pre-hook was registered first, so this one sees the input it produced.
+    # keep_norms_in_float32's pre-hook was registered first, so this hook records the input after its cast.
     run.model.unet.down_blocks[0].resnets[0].norm1.register_forward_pre_hook(record_norm_input)
     run.model.unet.conv_in.register_forward_hook(record_conv_output)
     images = torch.zeros((2, 1, 16, 16))
