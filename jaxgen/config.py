@@ -103,9 +103,12 @@ class TrainConfig:
     workdir: str = "runs/ddpm_digits"
     # Split each batch over this many XLA host devices; XLA runs convolutions on one thread per device on CPU.
     host_devices: int = 2
+    # Size of the mesh's "fsdp" axis: parameters, EMA and optimizer state are sharded over it, and batches over
+    # both axes. The "data" axis gets the remaining devices; 1 keeps the weights replicated (pure data parallel).
+    fsdp: int = 1
 
     def __post_init__(self):
-        for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "host_devices"):
+        for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "host_devices", "fsdp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} is invalid; use a positive integer")
 
@@ -215,8 +218,25 @@ def resolve_config_path(name: str) -> pathlib.Path:
     )
 
 
+def split_config_arg(name: str, arg: str | None = None) -> tuple[str, str | None]:
+    """Split `FILE:ARG` (for example `opensora.py:v1.2`) into the file and the get_config argument.
+
+    A name that is an existing path, or has no colon, is returned unchanged. Giving ARG both ways is an error.
+    """
+    base, sep, suffix = name.rpartition(":")
+    if not sep or not base or pathlib.Path(name).exists() or "/" in suffix or "\\" in suffix:
+        return name, arg
+    if arg is not None and arg != suffix:
+        raise ConfigError(f"config {name!r} names the argument {suffix!r} and --cfg-arg gives {arg!r}; pass one")
+    return base, suffix
+
+
 def load_config(name: str, overrides: typing.Sequence[str] = (), arg: str | None = None) -> Config:
-    """Load a config file, call its `get_config(arg)` and apply `key=value` overrides."""
+    """Load a config file, call its `get_config(arg)` and apply `key=value` overrides.
+
+    `name` may carry the argument after a colon, as in `opensora.py:v1.2`.
+    """
+    name, arg = split_config_arg(name, arg)
     path = resolve_config_path(name)
     if path.suffix != ".py":
         raise ConfigError(f"config file {path} is not a Python file; pass a .py file or a name from {CONFIG_DIR}")
@@ -408,4 +428,5 @@ __all__ = [
     "read_config",
     "resolve_config_path",
     "save_config",
+    "split_config_arg",
 ]

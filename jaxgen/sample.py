@@ -6,6 +6,9 @@ Example:
 
 With `--classifier runs/noisy_classifier_digits --classifier-scale 5`, the noise-aware classifier's
 gradient steers every step as well (classifier guidance).
+
+Text to video from an Open-Sora run (see jaxgen.sample_video):
+  python -m jaxgen.sample --cfg opensora.py --prompt "the digit seven moves to the left" --out seven.mp4
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 import numpy as np
 
+from jaxgen import sample_video
 from jaxgen.config import SampleConfig
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras")
@@ -25,7 +29,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line of `jaxgen.sample`."""
     parser = argparse.ArgumentParser(prog="python -m jaxgen.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="run folder of a trained diffusion model")
+    parser.add_argument("--run", default=None, help="run folder of a trained diffusion model")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="number of sampling steps (ddpm always uses all)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 is deterministic, 1 is DDPM-like")
@@ -41,9 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", default=None, help="comma-separated labels to draw, e.g. 3,3,7")
     parser.add_argument("--per-class", type=int, default=8, help="samples per class when --labels is not given")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output PNG grid (default: RUN/samples/<sampler>.png)")
+    parser.add_argument("--out", default=None, help="output PNG grid (default: RUN/samples/<sampler>.png); with "
+                        "--cfg a .mp4, .gif or .npy video (default: RUN/stdit/samples/prompt.mp4)")
     parser.add_argument("--save-npz", action="store_true", help="also write the raw samples and labels as .npz")
-    return parser.parse_args(argv)
+    sample_video.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if (args.run is None) == (args.cfg is None):
+        parser.error("pass --run RUN for a class-conditional image model, or --cfg CONFIG --prompt TEXT for video")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file operation at INFO
+    if args.cfg is not None:
+        return sample_video.main(args)
     if args.per_class < 1:
         print(f"error: --per-class {args.per_class} is invalid; use a positive integer", file=sys.stderr)
         return 2

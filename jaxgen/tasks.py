@@ -11,6 +11,9 @@ jitted step, and evaluates or samples from the EMA weights at intervals. Tasks a
 | `noisy_classifier` | NoisyClassifier | cross-entropy on noised images x_t at random t (for classifier guidance) |
 | `text_to_image_lora` | LoRA adapters on a Stable Diffusion or SDXL U-Net | ε/v MSE on VAE latents with caption dropout (in `jaxgen.tasks_text_to_image`) |
 | `vae` | AutoencoderKL, optionally with a PatchGAN discriminator | L1/MSE + KL, optional LPIPS and hinge GAN loss (in `jaxgen.tasks_vae`) |
+| `opensora` | two stages, `opensora_vae` then `opensora_stdit` | see `jaxgen.tasks_opensora` |
+| `opensora_vae` | Open-Sora 1.2's video VAE, optionally with a per-frame PatchGAN | L1/MSE + KL per clip, optional LPIPS and GAN per frame |
+| `opensora_stdit` | STDiT3 on frozen video-VAE latents and frozen T5 features | rectified-flow velocity MSE with caption dropout |
 
 A task also names which model variables the trainer differentiates, optimises and checkpoints (`trainable`,
 nnx.Param unless a task overrides it), loads its data and builds its batch loader.
@@ -214,6 +217,9 @@ TASKS: dict[str, type[Task]] = {
 OTHER_MODULE_TASKS: dict[str, tuple[str, str]] = {
     "text_to_image_lora": ("jaxgen.tasks_text_to_image", "TextToImageLoRATask"),
     "vae": ("jaxgen.tasks_vae", "VAETask"),
+    "opensora": ("jaxgen.tasks_opensora", "OpenSoraTask"),
+    "opensora_vae": ("jaxgen.tasks_opensora", "OpenSoraVAETask"),
+    "opensora_stdit": ("jaxgen.tasks_opensora", "OpenSoraSTDiTTask"),
 }
 
 
@@ -225,6 +231,12 @@ def task_type(name: str) -> type[Task]:
         module, class_name = OTHER_MODULE_TASKS[name]
         return getattr(importlib.import_module(module), class_name)
     raise ValueError(f"unknown task {name!r}; choose one of {sorted([*TASKS, *OTHER_MODULE_TASKS])}")
+
+
+def stage_configs(config: Config) -> list[Config]:
+    """Return the configs the trainer runs in order: the stages of a multi-stage task, else [config]."""
+    stages = getattr(task_type(config.task), "stage_configs", None)
+    return list(stages(config)) if stages is not None else [config]
 
 
 def make_task(config: Config, held_out: dict[str, np.ndarray]) -> Task:

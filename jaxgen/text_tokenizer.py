@@ -1,10 +1,10 @@
 """Turn captions into token ids for a T5 text encoder: a local tokenizer file, or a word-level one built from captions.
 
 Open-Sora 1.2 encodes captions with T5 v1.1 XXL. Its tokenizer loads from a local folder with
-`conversion.t5_io.load_t5_tokenizer` (tokenizer.json through transformers). No pretrained tokenizer is
-available offline for the tiny preset, so `build_word_tokenizer` writes a T5-style word-level tokenizer.json
-for a fixed set of captions: lower-cased words split on whitespace and punctuation, with T5's special
-tokens at T5's ids (pad 0, end of sequence "</s>" 1, unknown word 2). transformers reads that file as well
+`conversion.t5_io.load_t5_tokenizer` (tokenizer.json through transformers). The tiny preset has no pretrained
+tokenizer offline. For it, `build_word_tokenizer` writes a T5-style word-level tokenizer.json for a fixed set
+of captions. Words are lower-cased and split on whitespace and punctuation. T5's special tokens keep T5's ids:
+pad 0, end of sequence "</s>" 1, unknown word 2. transformers reads that file as well
 (`PreTrainedTokenizerFast(tokenizer_file=...)`).
 
 `CaptionTokenizer.encode` pads every caption to `max_length` tokens, ends it with "</s>" as T5 does, and
@@ -47,7 +47,7 @@ class CaptionTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, max_length: int) -> CaptionTokenizer:
-        """Load tokenizer.json (a file, or a folder that holds one)."""
+        """Load tokenizer.json (a file, or a folder that contains one)."""
         path = pathlib.Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE

@@ -1,7 +1,9 @@
 """Train a model from a config file: `python -m jaxgen.train --cfg ddpm_digits [--set key=value ...]`.
 
-A bare config name is looked up in `configs/`. Rerunning the same command resumes from the newest checkpoint
-in the run folder (`train.workdir`).
+A bare config name is looked up in `configs/`, and `--cfg FILE:ARG` passes ARG to the file's get_config
+(`--cfg opensora.py:v1.2`). Rerunning the same command resumes from the newest checkpoint in the run folder
+(`train.workdir`). A multi-stage task such as `opensora` trains its stages in order, each in its own folder
+under `train.workdir`; a finished stage is skipped.
 """
 
 from __future__ import annotations
@@ -39,14 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print("\n".join(config_lib.describe(config)))
         return 0
-    configure_host_devices(config.train.host_devices)
+    from jaxgen import tasks  # importing JAX is fine here; its devices start on first use
+
+    try:
+        stages = tasks.stage_configs(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure_host_devices(max(stage.train.host_devices for stage in stages))
 
     from jaxgen import checkpoint, trainer  # imported here so that XLA_FLAGS is set before JAX starts
 
     enable_compilation_cache()
 
     try:
-        trainer.train(config)
+        for index, stage in enumerate(stages):
+            if len(stages) > 1:
+                logging.getLogger("jaxgen.train").info("stage %d of %d: task %s in %s", index + 1, len(stages),
+                                                       stage.task, stage.train.workdir)
+            trainer.train(stage)
     except (trainer.NonFiniteLossError, checkpoint.RunFolderError) as error:
         logging.getLogger("jaxgen.train").error("%s", error)
         return 1

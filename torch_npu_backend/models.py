@@ -198,7 +198,7 @@ def _class_name(cls: type) -> str:
 
 # Modules that register hand-written twins when imported. They are imported on the first lookup, so
 # `torch_twin(stdit3_model)` works without importing torch_npu_backend.stdit3 first.
-TWIN_MODULES = ("torch_npu_backend.stdit3",)
+TWIN_MODULES = ("torch_npu_backend.stdit3", "torch_npu_backend.video_vae")
 
 
 def _import_twin_modules() -> None:
