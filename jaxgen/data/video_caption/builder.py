@@ -1,16 +1,17 @@
 """TFDS builder "video_caption": captioned videos listed in a CSV, in (frames, resolution, aspect-ratio) buckets.
 
 The source is an Open-Sora style metadata CSV with one row per video: the video's `path` (absolute, or
-relative to the CSV's folder) and its caption in `text`. Other columns are ignored. Videos are decoded with
-Pillow, because no MP4 decoder (PyAV, imageio-ffmpeg) is installed here: animated GIF, WebP or PNG files, and
-.npy arrays of uint8 [T, H, W, 3] frames.
+relative to the CSV's folder) and its caption in `text`. Other columns are ignored. Videos are decoded by
+`jaxgen.video_io.read_video`: MP4, MOV, AVI, WebM and MKV files with PyAV, animated GIF, WebP or PNG files
+with Pillow, and .npy arrays of uint8 [T, H, W, 3] frames.
 
 A bucket is (T, H, W). Its frame count T is the largest configured count that the video reaches, and the
 video is cut to its first T frames. Its resolution is the largest configured one whose area the video
 covers (the smallest if it covers none). Within that resolution, the (H, W) size is the one of
 `image_caption.make_buckets` with the closest aspect ratio, and every frame is scaled to cover it and
-centre-cropped. A missing file, an unreadable file and a video shorter than the smallest frame count are
-skipped with a logged warning. The builder stores the counts of each in `info.metadata["skipped"]`.
+centre-cropped. A missing file, an unreadable (empty, damaged, truncated or non-video) file and a video
+shorter than the smallest frame count are skipped with a logged warning. The builder stores the counts of
+each in `info.metadata["skipped"]`.
 
 Frames are stored as zlib-compressed uint8 arrays in array_record files, which `builder.as_data_source()`
 reads without TensorFlow.
@@ -24,7 +25,6 @@ import csv
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -32,19 +32,16 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageSequence
 import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxgen.data.image_caption.image_caption_dataset_builder import make_buckets, nearest_bucket, resize_and_crop
+# VideoDecodeError and read_video are imported from here too, so they stay importable from this module.
+from jaxgen.video_io import VideoDecodeError, read_video
 
 logger = logging.getLogger(__name__)
 
 SKIP_REASONS = ("missing", "unreadable", "too_short")
-
-
-class VideoDecodeError(ValueError):
-    """A video file exists but cannot be decoded into uint8 [T, H, W, 3] frames."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,51 +81,6 @@ def read_metadata(csv_path: str | os.PathLike[str], *, path_column: str = "path"
     if not records:
         raise ValueError(f"{csv_path} contains no rows")
     return records
-
-
-def read_video(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a video file into uint8 [T, H, W, 3] frames at its own frame rate.
-
-    .npy files must hold uint8 [T, H, W, 3] and are loaded without pickle. Any other file is opened with
-    Pillow. Pillow's GIF writer merges identical consecutive frames into one frame with a longer duration,
-    so each frame is repeated duration / period times, where the period is the greatest common divisor of
-    the frame durations.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        VideoDecodeError: the file cannot be decoded, or its frames are not uint8 [T, H, W, 3].
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video {path} does not exist")
-    if path.suffix.lower() == ".npy":
-        try:
-            frames = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise VideoDecodeError(f"cannot load {path} as a .npy array: {error}") from None
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
-            raise VideoDecodeError(
-                f"{path} contains {frames.dtype} {frames.shape}, expected non-empty uint8 [T, H, W, 3] frames"
-            )
-        return frames
-
-    frames, durations = [], []
-    try:
-        with PIL.Image.open(path) as video:
-            for frame in PIL.ImageSequence.Iterator(video):
-                frames.append(np.asarray(frame.convert("RGB"), np.uint8))
-                durations.append(int(frame.info.get("duration") or 0))
-    except (OSError, ValueError, EOFError, SyntaxError) as error:  # PIL raises these for damaged files.
-        raise VideoDecodeError(f"cannot decode {path} with Pillow: {error}") from None
-    if not frames:
-        raise VideoDecodeError(f"{path} contains no frames")
-    if len({frame.shape for frame in frames}) != 1:
-        raise VideoDecodeError(f"{path} has frames of different sizes: {sorted({f.shape for f in frames})}")
-    if all(durations):
-        period = math.gcd(*durations)
-        repeats = [duration // period for duration in durations]
-        return np.repeat(np.stack(frames), repeats, axis=0)
-    return np.stack(frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +240,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for index, record in enumerate(records):
             path = folder / record.path  # An absolute record.path replaces the folder.
             try:
+                # NOTE: every frame is decoded, to store the file's frame count in original_shape, so one
+                # video takes T * H * W * 3 bytes of memory (about 1.9 GB for 10 s of 1080p at 30 fps).
                 frames = read_video(path)
             except FileNotFoundError as error:
                 skipped["missing"] += 1

@@ -8,10 +8,11 @@ videos against the caption. The "test" split draws only from the scans that the 
 so test clips show handwriting that no training clip shows.
 
 `make_digit_clips` returns the clips in memory and `write_digit_clip_folder` writes them as video files plus
-an Open-Sora style metadata CSV with the columns `path` and `text`. No MP4 writer is installed in this
-environment (neither imageio-ffmpeg nor PyAV), so the videos are animated GIFs written with Pillow, or
-lossless .npy arrays on request. A GIF stores at most 256 colours per frame, so its pixels can differ
-slightly from the in-memory clip. The output depends only on the arguments.
+an Open-Sora style metadata CSV with the columns `path` and `text`. The videos are animated GIFs by default,
+or MP4 files or lossless .npy arrays on request, written by `jaxgen.video_io.write_video`. A GIF
+stores at most 256 colours per frame, so its pixels can differ slightly from the in-memory clip. These
+few-colour clips come back unchanged with Pillow 13.0. An MP4 file stores colour at half the height and
+width, which blurs the edges of tinted digits. The output depends only on the arguments.
 
 Shape vocabulary: N clips, T frames, H and W the canvas height and width, D the digit side.
 """
@@ -24,16 +25,17 @@ import os
 import pathlib
 
 import numpy as np
-import PIL.Image
 
 from jaxgen.data.digits import digits_dataset_builder as digits_lib
 from jaxgen.data.image_caption.builtin import COLOURS, DIGIT_NAMES
+# write_gif is imported from here too, so it stays importable from this module.
+from jaxgen.video_io import write_gif, write_video
 
 DIRECTIONS = ("left", "right", "up", "down")
 # (row, column) step of the digit per frame in each direction, in units of the speed.
 _STEPS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 _MOTION_WORDS = {"left": "moves to the left", "right": "moves to the right", "up": "moves up", "down": "moves down"}
-VIDEO_FORMATS = ("gif", "npy")
+VIDEO_FORMATS = ("gif", "mp4", "npy")
 CSV_COLUMNS = ("path", "text", "digit", "direction", "num_frames", "height", "width", "fps")
 
 
@@ -149,7 +151,7 @@ def write_digit_clip_folder(
 ) -> pathlib.Path:
     """Write clips from `make_digit_clips` as video files plus `{split}.csv`, and return the CSV's path.
 
-    The videos go to `{path}/{split}/clip_NNNN.{gif,npy}`. The CSV has the Open-Sora metadata columns `path`
+    The videos go to `{path}/{split}/clip_NNNN.{gif,mp4,npy}`. The CSV has the Open-Sora metadata columns `path`
     (relative to the CSV's folder) and `text`, followed by the labels `digit` (0..9), `direction` (a name in
     DIRECTIONS), `num_frames`, `height`, `width` and `fps`. Existing files of the same names are overwritten.
 
@@ -157,29 +159,36 @@ def write_digit_clip_folder(
         path: folder to write into, created if missing.
         num_clips: number of clips.
         split: "train" or "test", as in `make_digit_clips`.
-        video_format: "gif" (animated GIF, up to 256 colours per frame) or "npy" (uint8 [T, H, W, 3], lossless).
-        fps: frames per second stored in each GIF and in the CSV. GIF stores frame durations in units of
-            10 ms, so rates that do not divide 100 are rounded.
+        video_format: "gif" (animated GIF, up to 256 colours per frame), "mp4" (H.264 in yuv420p, lossy, needs
+            an even height and width) or "npy" (uint8 [T, H, W, 3], lossless).
+        fps: frames per second stored in each GIF or MP4 file and in the CSV. GIF stores frame durations in
+            units of 10 ms, so it allows at most 100 and rounds rates that do not divide 100.
         **clip_options: the keyword arguments of `make_digit_clips` (num_frames, size, digit_side, speed,
             tinted, seed).
+
+    Raises:
+        ValueError: if video_format or fps is invalid, a clip option is out of range, or MP4 clips would have
+            an odd height or width.
     """
     if video_format not in VIDEO_FORMATS:
         raise ValueError(f"invalid video_format {video_format!r}. Expected one of {list(VIDEO_FORMATS)}")
-    if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 100:
-        raise ValueError(f"fps must be an integer from 1 to 100 (GIF timing is in 10 ms units), got {fps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+    if video_format == "gif" and fps > 100:
+        raise ValueError(f"fps must be at most 100 for GIF, whose timing is in 10 ms units, got {fps!r}")
     clips = make_digit_clips(num_clips, split=split, **clip_options)
+    _, num_frames, height, width, _ = clips.frames.shape
+    if video_format == "mp4" and (height % 2 or width % 2):
+        raise ValueError(f"MP4 clips need an even height and width for yuv420p, got size ({height}, {width}). "
+                         "Pass an even size= or write gif or npy")
     folder = pathlib.Path(path)
     video_folder = folder / split
     video_folder.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    _, num_frames, height, width, _ = clips.frames.shape
     for index, frames in enumerate(clips.frames):
         relative = f"{split}/clip_{index:04d}.{video_format}"
-        if video_format == "gif":
-            write_gif(folder / relative, frames, fps=fps)
-        else:
-            np.save(folder / relative, frames, allow_pickle=False)
+        write_video(folder / relative, frames, fps=fps)
         rows.append({
             "path": relative,
             "text": clips.caption[index],
@@ -197,17 +206,6 @@ def write_digit_clip_folder(
         writer.writeheader()
         writer.writerows(rows)
     return csv_path
-
-
-def write_gif(path: str | os.PathLike[str], frames: np.ndarray, *, fps: int) -> None:
-    """Write uint8 [T, H, W, 3] frames as an animated GIF that loops forever.
-
-    NOTE: Pillow merges identical consecutive frames into one frame with a longer duration, so a reader
-    must expand frames by duration (as `builder.read_video` does) to get T frames back.
-    """
-    images = [PIL.Image.fromarray(frame) for frame in np.asarray(frames, np.uint8)]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
-                   loop=0)
 
 
 def _check_geometry(num_clips, split, num_frames, size, digit_side, speed) -> tuple[int, int]:
