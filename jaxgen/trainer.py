@@ -10,6 +10,12 @@ the run, names the step and leaves the last good checkpoint as the newest one.
 
 Determinism across restarts: the step key is `fold_in(PRNGKey(seed), step)` and the loader position is
 saved with each checkpoint, so a resumed run draws the same batches and keys as an uninterrupted one.
+
+Devices: the step runs on a ("data", "fsdp") mesh of train.host_devices devices. Batches are split over the
+whole mesh, and the trainable state (parameters, EMA, optimizer moments) and the frozen state are sharded
+over the train.fsdp devices of the "fsdp" axis. jaxgen.sharding describes the layout and multi-host runs.
+The compiled step takes and returns the state in that layout, so donation reuses its buffers, and a
+resumed run restores every array straight into its shards.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tqdm.auto import tqdm
 
 from jaxgen import checkpoint as ckpt
 from jaxgen import config as config_lib
+from jaxgen import sharding as sharding_lib
 from jaxgen import tasks as tasks_lib
 
 logger = logging.getLogger(__name__)
@@ -111,16 +118,55 @@ def make_train_step(task: tasks_lib.Task, graphdef: nnx.GraphDef, tx: optax.Grad
 
 def all_finite(tree: Any) -> bool:
     """Return whether every element of every array in `tree` is finite."""
-    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
-    return bool(jnp.stack(flags).all()) if flags else True
+    if not jax.tree.leaves(tree):
+        return True
+    return bool(_all_finite_flag(tree))
 
 
-def make_mesh(num_devices: int) -> jax.sharding.Mesh:
-    """Return a one-axis ('data') mesh over the first `num_devices` devices."""
-    available = len(jax.devices())
-    num_devices = max(1, min(num_devices, available))
-    return jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:num_devices])
+@jax.jit
+def _all_finite_flag(tree: Any) -> jax.Array:
+    # One compiled program rather than one eager op per array: with several CPU processes, hundreds of eager
+    # ops that each contain a cross-process reduction deadlocked the Gloo collectives (JAX 0.10.2).
+    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
+
+
+def make_mesh(num_devices: int, fsdp: int = 1) -> jax.sharding.Mesh:
+    """Build the ("data", "fsdp") training mesh for train.host_devices=num_devices and train.fsdp=fsdp.
+
+    With several processes the mesh spans every device of every process, whatever `num_devices` is. A single
+    process with fsdp=1 that requests more devices than exist trains on all of them and logs a warning,
+    because the default train.host_devices=2 is a CPU setting and a one-GPU machine must still train. With
+    fsdp > 1 a missing device raises ValueError (see jaxgen.sharding.make_mesh).
+    """
+    available = jax.device_count()
+    if jax.process_count() > 1:
+        num_devices = available
+    elif fsdp == 1 and num_devices > available:
+        logger.warning("train.host_devices=%d but only %d %s device(s) exist; training data-parallel on %d",
+                       num_devices, available, jax.devices()[0].platform, available)
+        num_devices = available
+    return sharding_lib.make_mesh(num_devices, fsdp)
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+    """Build the step-0 TrainState in the FSDP layout on `mesh`; returns (state, its tree of NamedSharding).
+
+    The optimizer state is created by a jitted tx.init straight into its shards, so no device stores a
+    whole copy of the moments.
+    NOTE: `params` come from eager initialisation on the default device, so that device must still fit one
+    whole copy of the trainable parameters.
+    """
+    abstract = jax.eval_shape(
+        lambda p: TrainState(step=jnp.int32(0), params=p, ema_params=p, opt_state=tx.init(p)), params
+    )
+    shardings = sharding_lib.param_sharding(abstract, mesh)
+    params = jax.device_put(params, shardings.params)
+    # The EMA starts as a copy: donating the state must not see one buffer twice.
+    ema_params = jax.tree.map(jnp.copy, params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.int32(0), shardings.step)
+    return TrainState(step=step, params=params, ema_params=ema_params, opt_state=opt_state), shardings
 
 
 def load_data(config: config_lib.Config) -> tuple[Any, dict[str, np.ndarray]]:
@@ -140,8 +186,24 @@ class MetricsWriter:
 
 
 def train(config: config_lib.Config) -> pathlib.Path:
-    """Train the job `config` describes, resuming from the newest checkpoint in its run folder."""
+    """Train the job `config` describes, resuming from the newest checkpoint in its run folder.
+
+    In a multi-process job (jaxgen.sharding.initialize_distributed) every process runs this function, and
+    only process 0 writes config.json and metrics.jsonl.
+    """
+    sharding_lib.initialize_distributed()
+    is_main_process = jax.process_index() == 0
     t = config.train
+    # The mesh is checked before anything is loaded or written, so a bad layout fails fast.
+    mesh = make_mesh(t.host_devices, t.fsdp)
+    if config.data.batch_size % mesh.size:
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} does not split over the {mesh.size} devices of the mesh; "
+            f"choose a multiple of {mesh.size}, or use fewer devices (train.host_devices, which train.fsdp "
+            "must divide)"
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = sharding_lib.batch_sharding(mesh)
     workdir = pathlib.Path(t.workdir)
     ckpt.check_run_folder(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -154,42 +216,39 @@ def train(config: config_lib.Config) -> pathlib.Path:
     logger.info("task %s: %s parameters, %s of them trainable", config.task, f"{summary['parameters']:,}",
                 f"{summary['trainable']:,}")
 
-    mesh = make_mesh(t.host_devices)
-    if config.data.batch_size % mesh.size:
-        raise ValueError(
-            f"data.batch_size={config.data.batch_size} does not split over {mesh.size} devices; "
-            f"choose a multiple of {mesh.size} or set train.host_devices=1"
-        )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-
     tx = make_optimizer(config.optim, t.num_steps)
-    # The EMA starts as a copy: donating the state must not see one buffer twice.
-    ema_params = jax.tree.map(jnp.copy, params)
-    state = TrainState(step=jnp.int32(0), params=params, ema_params=ema_params, opt_state=tx.init(params))
-    state = jax.device_put(state, replicated)
-    rest = jax.device_put(rest, replicated)
+    state, state_shardings = init_train_state(params, tx, mesh)
+    rest_shardings = sharding_lib.param_sharding(rest, mesh)
+    rest = jax.device_put(rest, rest_shardings)
+    logger.info("mesh %s over %d %s devices in %d process(es); training state: %s", dict(mesh.shape), mesh.size,
+                mesh.devices.flat[0].platform, jax.process_count(),
+                sharding_lib.describe_layout(state, state_shardings))
 
     loader = task.make_loader(train_data)
     store = ckpt.CheckpointStore(workdir, max_to_keep=t.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
     start = store.latest_step()
     if start is not None:
+        # Orbax reads each array straight into the sharding of its abstract leaf, the layout of `state`.
         state, meta = store.restore(start, ckpt.abstract_like(state))
         loader.restore(meta["loader"])
-        ckpt.truncate_metrics(metrics_path, start)
+        if is_main_process:
+            ckpt.truncate_metrics(metrics_path, start)
         logger.info("resumed from the checkpoint of step %d in %s", start, store.directory)
     else:
         start = 0
-        metrics_path.unlink(missing_ok=True)
+        if is_main_process:
+            metrics_path.unlink(missing_ok=True)
     metrics_out = MetricsWriter(metrics_path)
 
-    train_step = jax.jit(make_train_step(task, graphdef, tx, config.optim.ema_decay), donate_argnums=0)
+    train_step = jax.jit(make_train_step(task, graphdef, tx, config.optim.ema_decay), donate_argnums=0,
+                         in_shardings=(state_shardings, rest_shardings, batch_sharding, replicated),
+                         out_shardings=(state_shardings, replicated))
     base_key = jax.random.PRNGKey(t.seed)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_checkpoint = start if start else None
     progress = tqdm(total=t.num_steps, initial=start, desc=f"train {config.task}", unit="step",
-                    dynamic_ncols=True, mininterval=1.0)
+                    dynamic_ncols=True, mininterval=1.0, disable=not is_main_process)
     window_start, window_steps = time.perf_counter(), 0
 
     def flush() -> dict[str, float]:
@@ -210,7 +269,8 @@ def train(config: config_lib.Config) -> pathlib.Path:
         elapsed = time.perf_counter() - window_start
         mean = {k: float(np.mean([r[k] for _, r in host])) for k in host[0][1]}
         record = {"step": host[-1][0], **mean, "steps_per_s": window_steps / max(elapsed, 1e-9)}
-        metrics_out.write(record)
+        if is_main_process:
+            metrics_out.write(record)
         progress.set_postfix(loss=f"{mean['loss']:.4f}", steps_per_s=f"{record['steps_per_s']:.2f}")
         window_start, window_steps = time.perf_counter(), 0
         return record
@@ -226,7 +286,8 @@ def train(config: config_lib.Config) -> pathlib.Path:
                 f"without saving, and {kept}. Check optim.learning_rate={config.optim.learning_rate!r}"
             )
         # config.json is written with the checkpoint, so a run that fails earlier leaves no claim on the folder.
-        config_lib.save_config(config, workdir / ckpt.CONFIG_FILE)
+        if is_main_process:
+            config_lib.save_config(config, workdir / ckpt.CONFIG_FILE)
         store.save(step, state, {"loader": loader.state(), "step": step})
         last_checkpoint = step
         exported = task.export(graphdef, rest, state.ema_params, step, workdir)
@@ -236,7 +297,7 @@ def train(config: config_lib.Config) -> pathlib.Path:
 
     try:
         for step in range(start, t.num_steps):
-            batch = {k: jax.device_put(v, batch_sharding) for k, v in next(loader).items()}
+            batch = sharding_lib.shard_batch(next(loader), batch_sharding)
             step_started = time.perf_counter()
             state, metrics = train_step(state, rest, batch, jax.random.fold_in(base_key, step))
             if step == start:
@@ -252,6 +313,8 @@ def train(config: config_lib.Config) -> pathlib.Path:
                 flush()
             if done % t.checkpoint_every == 0 and done < t.num_steps:
                 save(done)
+            # TODO: with several processes every process runs the task's evaluation, sampling and export
+            # and writes their files; only process 0 should write them.
             if t.eval_every and done % t.eval_every == 0:
                 _evaluate(task, graphdef, rest, state, done, metrics_out)
             if t.sample_every and done % t.sample_every == 0:
@@ -273,7 +336,7 @@ def train(config: config_lib.Config) -> pathlib.Path:
 def _evaluate(task, graphdef, rest, state, step, metrics_out) -> None:
     model = nnx.merge(graphdef, state.ema_params, rest)
     metrics = task.evaluate(model)
-    if metrics:
+    if metrics and jax.process_index() == 0:
         metrics_out.write({"step": step, **metrics})
         logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -310,6 +373,10 @@ def build_inference_model(config: config_lib.Config, workdir: str | pathlib.Path
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     state, restored_step = ckpt.restore_params(workdir, abstract, step=step)
+    if jax.tree.leaves(rest):
+        # Variables outside the trainable filter (fixed buffers such as STDiT3's y_embedding) are not
+        # checkpointed: training draws them from train.seed, so rebuild them the same way.
+        _, _, rest = nnx.split(create_model(task, config.train.seed), task.trainable, ...)
     return graphdef, (state.ema_params if use_ema else state.params), rest, restored_step
 
 
