@@ -1,4 +1,5 @@
-# Quick start: `make demo` trains and scores the digits model; `make test` runs the test suite.
+# Quick start: `make demo` trains and scores the Open-Sora main job; `make test` runs the test suite.
+# `make demo-digits` trains and scores the class-conditional digits model.
 # Each target creates the virtual environment it needs in $(VENV).
 
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test clean-runs
+.PHONY: demo demo-digits test install install-test clean-runs
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
+	$(PY) -m jaxgen.train --cfg opensora.py
+	$(PY) -m benchmarks.video_quality --run runs/opensora/stdit --out runs/video_quality_demo.json
+
+demo-digits: $(VENV)/.installed
 	$(PY) -m jaxgen.train --cfg ddpm_digits
 	$(PY) -m jaxgen.train --cfg digit_classifier
 	$(PY) -m jaxgen.train --cfg noisy_classifier_digits

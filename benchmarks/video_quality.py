@@ -67,20 +67,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/video_quality.json", help="JSON output path")
     parser.add_argument("--markdown", default=None,
                         help="Markdown table output path (default: the --out path with the suffix .md)")
-    parser.add_argument("--digit-side", type=int, default=16,
-                        help="side in pixels of the digit in the training clips (make_digit_clips digit_side)")
-    parser.add_argument("--speed", type=int, default=1,
-                        help="pixels per frame the digit moves in the training clips (make_digit_clips speed)")
+    parser.add_argument("--digit-side", type=int, default=None,
+                        help="side in pixels of the digit in the training clips (default: the run's "
+                             "data.builtin_digit_side, else 16)")
+    parser.add_argument("--speed", type=int, default=None,
+                        help="pixels per frame the digit moves in the training clips (default: the run's "
+                             "data.builtin_speed, else 1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the real test clips and of the label permutation")
     args = parser.parse_args(argv)
     if args.run is None and args.samples is None:
         parser.error("give --run RUN (scores its newest samples/step_*.npz) or --samples FILE")
+    run_data = run_data_settings(args.run)
+    if args.digit_side is None:
+        args.digit_side = int(run_data.get("builtin_digit_side", 16))
+    if args.speed is None:
+        args.speed = int(run_data.get("builtin_speed", 1))
     if args.digit_side < 8:
         parser.error(f"--digit-side={args.digit_side} is invalid; use 8 or more")
     if args.speed < 1:
         parser.error(f"--speed={args.speed} is invalid; use 1 or more")
     return args
+
+
+def run_data_settings(run: str | None) -> dict[str, Any]:
+    """Return the `data` section of RUN/config.json (written by jaxgen.train), or {} when there is none."""
+    if run is None:
+        return {}
+    path = pathlib.Path(run) / "config.json"
+    try:
+        data = json.loads(path.read_text()).get("data", {})
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def newest_samples(run: str | os.PathLike[str]) -> pathlib.Path:

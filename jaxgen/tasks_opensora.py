@@ -27,9 +27,10 @@ the same CSV path. Held-out clips come from the digits' test split (or `data.tes
 
 Because the VAE and T5 are frozen in the STDiT stage, the stage encodes every training clip and caption once
 when it starts and trains on the stored latents and text features. A sampling step during training draws
-videos for the held-out captions with Euler-`sample.num_steps` and classifier-free guidance, decodes them
-and writes `samples/step_NNNNNN.npz` (frames, captions and, for the built-in data, digit and direction
-labels, which `benchmarks/video_quality.py` scores) beside a GIF and an MP4 grid.
+videos for the held-out captions with Euler-`sample.num_steps` and classifier-free guidance, then decodes
+them. It writes `samples/step_NNNNNN.npz` beside a GIF and an MP4 grid. The .npz file contains the frames,
+the captions and, for the built-in data, the digit and direction labels that `benchmarks/video_quality.py`
+scores.
 
 Axis letters: B batch, T frames, H W height and width, C channels, L text tokens, E text features.
 """
@@ -136,13 +137,23 @@ class OpenSoraVAEConfig:
     pretrained_spatial: str = ""
     discriminator: NLayerDiscriminatorConfig = NLayerDiscriminatorConfig(in_channels=3)
     # True: the export stores the per-channel mean and standard deviation of the held-out clips' latents as
-    # the VAE's shift and scale, so the STDiT stage sees latents of about unit variance (Open-Sora 1.2's
+    # the VAE's shift and scale, so the STDiT stage trains on latents of about unit variance (Open-Sora 1.2's
     # fixed values were measured on its own data the same way). False keeps vae.shift and vae.scale.
     measure_latent_stats: bool = True
+    # True draws both VAEs' latents from their posteriors while training, as Open-Sora does. False decodes the
+    # posterior means: a randomly initialised encoder starts with unit variance, and on the tiny preset that
+    # noise kept the reconstructions at digit-shaped blobs for the first 900 steps.
+    sample_posterior: bool = True
+    # Extra L1 terms: the 2D VAE alone (frame -> spatial latent -> frame), and the temporal VAE's
+    # reconstruction of the spatial latents (Open-Sora 1.2's first VAE stage trains on that term alone).
+    spatial_rec_weight: float = 0.0
+    latent_rec_weight: float = 0.0
 
     def __post_init__(self):
-        if not self.spatial_kl_weight >= 0:
-            raise ValueError(f"model.spatial_kl_weight={self.spatial_kl_weight!r} is invalid; use a weight >= 0")
+        for name in ("spatial_kl_weight", "spatial_rec_weight", "latent_rec_weight"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"model.{name}={value!r} is invalid; use a weight >= 0")
         if not self.train_spatial and not self.pretrained_spatial:
             raise ValueError("model.train_spatial=False freezes a randomly initialised 2D VAE; set "
                              "model.pretrained_spatial to a diffusers AutoencoderKL folder or train it")
@@ -355,6 +366,7 @@ def video_vae_losses(model: VideoVAEWithDiscriminator, videos: jax.Array, key: j
     """The VAE stage objective on videos [B, T, H, W, C] in [-1, 1]; returns (loss, metrics).
 
     loss = rec + kl_weight * KL_temporal + spatial_kl_weight * KL_spatial (while the 2D VAE trains)
+           + spatial_rec_weight * rec(2D VAE alone) + latent_rec_weight * rec(spatial latents)
            + perceptual_weight * LPIPS(frames) + f(step) * disc_weight * g_adv + disc_loss,
     with the terms of `jaxgen.vae_loss` applied to every frame. The KLs are summed over latent elements and
     averaged over the batch.
@@ -362,15 +374,27 @@ def video_vae_losses(model: VideoVAEWithDiscriminator, videos: jax.Array, key: j
     config = model_config.loss
     vae = model.vae
     spatial_key, temporal_key = jax.random.split(key)
-    temporal_posterior, spatial_posterior, _ = vae.encode_for_training(videos, spatial_key,
-                                                                        train_spatial=model_config.train_spatial)
-    z = temporal_posterior.sample(temporal_key)
-    reconstruction, _ = vae.decode_for_training(z, videos.shape[1])
-    error = reconstruction - videos
-    rec_loss = jnp.mean(jnp.abs(error)) if config.reconstruction == "l1" else jnp.mean(jnp.square(error))
+    sample = model_config.sample_posterior
+    temporal_posterior, spatial_posterior, x_z = vae.encode_for_training(
+        videos, spatial_key if sample else None, train_spatial=model_config.train_spatial)
+    z = temporal_posterior.sample(temporal_key) if sample else temporal_posterior.mode()
+    reconstruction, x_z_reconstruction = vae.decode_for_training(z, videos.shape[1])
+
+    def distance(a, b):
+        return jnp.mean(jnp.abs(a - b)) if config.reconstruction == "l1" else jnp.mean(jnp.square(a - b))
+
+    rec_loss = distance(reconstruction, videos)
     kl = jnp.mean(temporal_posterior.kl())
     generator_loss = rec_loss + config.kl_weight * kl
     metrics = {"rec_loss": rec_loss, "kl": kl}
+    if model_config.spatial_rec_weight > 0:
+        spatial_rec_loss = distance(vae.spatial_decode(x_z), videos)
+        generator_loss = generator_loss + model_config.spatial_rec_weight * spatial_rec_loss
+        metrics["spatial_rec_loss"] = spatial_rec_loss
+    if model_config.latent_rec_weight > 0:
+        latent_rec_loss = distance(x_z_reconstruction, jax.lax.stop_gradient(x_z))
+        generator_loss = generator_loss + model_config.latent_rec_weight * latent_rec_loss
+        metrics["latent_rec_loss"] = latent_rec_loss
     if spatial_posterior is not None and model_config.train_spatial:
         spatial_kl = jnp.mean(spatial_posterior.kl())
         generator_loss = generator_loss + model_config.spatial_kl_weight * spatial_kl
@@ -436,7 +460,7 @@ class OpenSoraVAETask(_VideoTask):
     @classmethod
     def load_data(cls, config: Config):
         train, held_out = super().load_data(config)
-        # The VAE sees frames only: one array per bucket, in [-1, 1] when batched.
+        # The VAE trains on frames only: one uint8 array per bucket, mapped to [-1, 1] in the loss.
         buckets = [{"frames": bucket.frames} for bucket in train.buckets]
         return buckets, held_out
 
