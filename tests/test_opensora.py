@@ -131,7 +131,7 @@ def test_smoke_run_trains_both_stages(smoke_run):
 
 def test_smoke_run_writes_scored_samples(smoke_run):
     samples = np.load(smoke_run / "run" / "stdit" / "samples" / "step_000004.npz")
-    assert samples["frames"].shape == (4, 16, 32, 32, 3)
+    assert samples["frames"].shape == (4, 8, 32, 32, 3)
     assert samples["frames"].dtype == np.uint8
     assert (samples["digit"] >= 0).all()
     assert (smoke_run / "run" / "stdit" / "samples" / "step_000004.gif").is_file()
@@ -156,7 +156,7 @@ def test_sample_cli_writes_a_video(smoke_run):
     assert "cut to the text length of 12 tokens" in result.stderr
     assert "lacks, encoded as <unk>: Sideways" in result.stderr
     frames = video_io.read_video(smoke_run / "out_00.mp4")
-    assert frames.shape == (16, 32, 32, 3)
+    assert frames.shape == (8, 32, 32, 3)
     assert (smoke_run / "out_grid.gif").is_file()
 
 
@@ -185,3 +185,32 @@ def test_video_quality_scores_the_smoke_samples(smoke_run):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert "samples" in json.dumps(report)
+
+
+def test_vae_stage_gan_term_switches_on_at_disc_start():
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxgen.models.discriminator import NLayerDiscriminator, NLayerDiscriminatorConfig
+    from jaxgen.models.video_vae import VideoAutoencoder
+    from jaxgen.tasks_opensora import OpenSoraVAEConfig, VideoVAEWithDiscriminator, video_vae_losses
+    from jaxgen.vae_loss import VAELossConfig
+
+    smoke = config_lib.load_config("opensora.py:smoke").model.vae.model
+    model_config = dataclasses.replace(smoke, loss=VAELossConfig(kl_weight=1e-6, disc_weight=0.5, disc_start=3))
+    assert isinstance(model_config, OpenSoraVAEConfig)
+    discriminator = NLayerDiscriminator(
+        NLayerDiscriminatorConfig(in_channels=3, base_channels=8, num_layers=1, norm_num_groups=4), rngs=nnx.Rngs(1))
+    model = VideoVAEWithDiscriminator(VideoAutoencoder(model_config.vae, rngs=nnx.Rngs(0)), discriminator)
+    videos = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 8, 32, 32, 3)), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    _, before = video_vae_losses(model, videos, key, jnp.int32(2), model_config)
+    loss, after = video_vae_losses(model, videos, key, jnp.int32(3), model_config)
+    assert float(before["disc_factor"]) == 0.0
+    assert float(after["disc_factor"]) == 1.0
+    assert float(after["disc_loss"]) > 0.0
+    assert np.isfinite(float(loss))
+    assert float(after["spatial_rec_loss"]) > 0.0
+    assert float(after["latent_rec_loss"]) > 0.0
