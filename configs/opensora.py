@@ -10,9 +10,9 @@ Tests:   --cfg opensora.py:smoke   (a few steps of each stage, for tests)
 Presets:
 - `tiny` (default): trains both stages on this repository's built-in clips (real handwritten digits from
   scikit-learn moving left, right, up or down on a 32x32 canvas, 16 frames, captions such as "the digit
-  seven moves to the left"). No pretrained T5 is available offline, so the STDiT stage uses a small T5 with
-  frozen random weights and a word-level tokenizer built from the captions; the module docstring of
-  jaxgen.tasks_opensora explains both. The VAE compresses 4x in space (32x32 -> 8x8) and 4x in time
+  seven moves to the left"). No pretrained T5 is available offline. So the STDiT stage uses a small T5 with
+  frozen random weights and a word-level tokenizer built from the captions, as the module docstring of
+  jaxgen.tasks_opensora explains. The VAE compresses 4x in space (32x32 -> 8x8) and 4x in time
   (16 -> 4 latent frames).
 - `v1.2`: Open-Sora 1.2's sizes: the SDXL VAE per frame (8x) with the causal temporal VAE (4x), STDiT3-XL/2
   (1.21B parameters) and T5 v1.1 XXL text features (4096 channels, 300 tokens). It expects local weights:
@@ -90,7 +90,7 @@ def tiny() -> Config:
 
 
 def smoke() -> Config:
-    """A few steps of each stage with the tiny models, for tests."""
+    """Return a config that trains a few steps of each stage with smaller models, for tests."""
     config = tiny()
     stages = config.model
     vae_train = dataclasses.replace(stages.vae.train, num_steps=4, log_every=2, checkpoint_every=2, sample_every=4,
@@ -116,7 +116,7 @@ def smoke() -> Config:
 
 
 def v1_2() -> Config:
-    """Open-Sora 1.2's model sizes and training settings (hpcaitech/Open-Sora, tag v1.2.0)."""
+    """Return Open-Sora 1.2's model sizes and training settings (hpcaitech/Open-Sora, tag v1.2.0)."""
     data = VideoDataConfig(csv="data/opensora/train.csv", resolutions=(256, 512), frame_counts=(51, 102),
                            bucket_multiple=16, fps=24, batch_size=4)
     vae = VideoVAEConfig.from_preset("v1.2")

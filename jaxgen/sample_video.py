@@ -61,6 +61,9 @@ def main(args: argparse.Namespace) -> int:
         if not stages:
             raise ValueError(f"config {args.cfg} trains task {config.task!r}, which draws no videos; use opensora.py")
         workdir = pathlib.Path(stages[-1].train.workdir)
+        if not workdir.is_dir():
+            raise FileNotFoundError(f"run folder {workdir} does not exist; train it first with python -m jaxgen.train "
+                                    f"--cfg {args.cfg} and the same --set options")
         run_config = checkpoint.read_run_config(workdir, expected_task="opensora_stdit")
         graphdef, params, rest, step = trainer.build_inference_model(run_config, workdir)
         task = tasks.make_task(run_config, {"caption": np.asarray(args.prompt, object)})

@@ -160,10 +160,10 @@ def test_sample_cli_writes_a_video(smoke_run):
     assert (smoke_run / "out_grid.gif").is_file()
 
 
-def test_sample_cli_without_a_run_names_the_training_command(tmp_path):
+def test_sample_cli_without_run_fails(tmp_path):
     result = _run(["-m", "jaxgen.sample", *SMOKE[:2], "--set", "train.workdir=missing", "--prompt", "x"], tmp_path)
     assert result.returncode == 2
-    assert "missing" in result.stderr
+    assert "missing/stdit does not exist; train it first with python -m jaxgen.train" in result.stderr
 
 
 def test_stdit_stage_without_vae_names_the_vae_stage(tmp_path):
