@@ -9,11 +9,11 @@ Tests:   --cfg opensora.py:smoke   (a few steps of each stage, for tests)
 
 Presets:
 - `tiny` (default): trains both stages on this repository's built-in clips (real handwritten digits from
-  scikit-learn moving left, right, up or down on a 32x32 canvas, 16 frames, captions such as "the digit
+  scikit-learn moving left, right, up or down on a 32x32 canvas, 8 frames, captions such as "the digit
   seven moves to the left"). No pretrained T5 is available offline. So the STDiT stage uses a small T5 with
   frozen random weights and a word-level tokenizer built from the captions, as the module docstring of
   jaxgen.tasks_opensora explains. The VAE compresses 4x in space (32x32 -> 8x8) and 4x in time
-  (16 -> 4 latent frames).
+  (8 -> 2 latent frames).
 - `v1.2`: Open-Sora 1.2's sizes: the SDXL VAE per frame (8x) with the causal temporal VAE (4x), STDiT3-XL/2
   (1.21B parameters) and T5 v1.1 XXL text features (4096 channels, 300 tokens). It expects local weights:
   model.stdit.model.text_encoder_path (a transformers T5 v1.1 XXL encoder folder with tokenizer.json) and

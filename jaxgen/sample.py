@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=8, help="samples per class when --labels is not given")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output PNG grid (default: RUN/samples/<sampler>.png); with "
-                        "--cfg a .mp4, .gif or .npy video (default: RUN/stdit/samples/prompt.mp4)")
+                        "--cfg a .mp4, .gif or .npy video (default: RUN/stdit/samples/prompt.mp4). With several videos, "
+                        "OUT_00, OUT_01, ... follow the order of --prompt (each repeated --num-videos times), "
+                        "plus OUT_grid.gif")
     parser.add_argument("--save-npz", action="store_true", help="also write the raw samples and labels as .npz")
     sample_video.add_arguments(parser)
     args = parser.parse_args(argv)

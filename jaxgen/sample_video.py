@@ -40,6 +40,12 @@ def main(args: argparse.Namespace) -> int:
     if not args.prompt:
         print('error: --cfg draws videos from text; add --prompt "the digit seven moves to the left"', file=sys.stderr)
         return 2
+    if any(not prompt.strip() for prompt in args.prompt):
+        print("error: --prompt is empty; give a caption, e.g. \"the digit seven moves to the left\"", file=sys.stderr)
+        return 2
+    if args.video_steps is not None and args.video_steps < 1:
+        print(f"error: --video-steps {args.video_steps} is invalid; use a positive integer such as 30", file=sys.stderr)
+        return 2
     if args.num_videos < 1:
         print(f"error: --num-videos {args.num_videos} is invalid; use a positive integer", file=sys.stderr)
         return 2
@@ -72,8 +78,8 @@ def main(args: argparse.Namespace) -> int:
             unknown = text.tokenizer.unknown_words(prompt)
             if unknown:
                 logger.warning("prompt %r has words the run's vocabulary lacks, encoded as <unk>: %s", prompt,
-                               ", ".join(unknown))
-        steps = args.video_steps or run_config.sample.num_steps
+                               ", ".join(dict.fromkeys(unknown)))
+        steps = run_config.sample.num_steps if args.video_steps is None else args.video_steps
         guidance = run_config.sample.guidance_scale if args.video_guidance is None else args.video_guidance
         model = nnx.merge(graphdef, params, rest)
         prompts = [prompt for prompt in args.prompt for _ in range(args.num_videos)]

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgen.config import Config, SampleConfig
+from jaxgen.config import Config, SampleConfig, TrainConfig
 from jaxgen.data.bucket_loader import BucketBatchLoader
 from jaxgen.diffusion import rectified_flow as rf
 from jaxgen.models.discriminator import NLayerDiscriminator, NLayerDiscriminatorConfig
@@ -93,6 +93,8 @@ class VideoDataConfig:
     name: str = "video_caption"
     # Metadata CSV with `path` and `text` columns (Open-Sora's layout). Empty: the built-in digit clips.
     csv: str = ""
+    path_column: str = "path"
+    caption_column: str = "text"
     # Held-out CSV for sample captions and evaluation. Empty: built-in test-split clips (with csv empty) or none.
     test_csv: str = ""
     resolutions: tuple[int, ...] = (32,)
@@ -292,9 +294,15 @@ def load_clips(data: VideoDataConfig, split: str):
         csv_path = _builtin_csv(data, "test", data.builtin_test_clips)
     else:
         return None
-    clips = load_video_caption(csv_path, data_dir=data.data_dir, resolutions=data.resolutions,
-                               frame_counts=data.frame_counts, multiple=data.bucket_multiple,
-                               max_aspect_ratio=data.max_aspect_ratio)
+    try:
+        clips = load_video_caption(csv_path, data_dir=data.data_dir, resolutions=data.resolutions,
+                                   frame_counts=data.frame_counts, multiple=data.bucket_multiple,
+                                   max_aspect_ratio=data.max_aspect_ratio, path_column=data.path_column,
+                                   caption_column=data.caption_column)
+    except AssertionError as error:
+        # TFDS raises AssertionError when the builder yields no example at all.
+        raise ValueError(f"no video of {csv_path} could be used: every row points at a missing, unreadable or too "
+                         f"short file (the warnings above name each one). TFDS said: {error}") from error
     if clips.num_skipped:
         logger.warning("%s: skipped %d of %d videos (%s); the builder logged each file", csv_path, clips.num_skipped,
                        clips.num_records, {k: v for k, v in clips.skipped.items() if v})
@@ -331,21 +339,28 @@ def check_video_geometry(vae: VideoVAEConfig, patch_size: tuple[int, int, int] |
 
     layout = BucketLayout(data.resolutions, data.frame_counts, data.bucket_multiple, data.max_aspect_ratio)
     factor = vae.spatial.downsample_factor
+    settings = (f"data.resolutions={data.resolutions} with data.bucket_multiple={data.bucket_multiple} "
+                f"(model.vae.data and model.stdit.data in configs/opensora.py)")
     for frames, height, width in layout.buckets:
         if height % factor or width % factor:
             raise ValueError(
-                f"bucket {height}x{width} is not divisible by the VAE's spatial factor {factor}; use "
-                f"data.resolutions and data.bucket_multiple that are multiples of {factor}"
+                f"the aspect-ratio bucket {height}x{width} made from {settings} is not divisible by the VAE's "
+                f"spatial factor {factor}; use resolutions and a bucket_multiple that are multiples of {factor}"
             )
         latent_t, latent_h, latent_w = vae.latent_size(frames, height, width)
         if patch_size is None:
             continue
         pt, ph, pw = patch_size
-        if latent_t % pt or latent_h % ph or latent_w % pw:
+        if latent_h % ph or latent_w % pw:
             raise ValueError(
-                f"bucket of {frames} frames at {height}x{width} pixels gives latents of {latent_t}x{latent_h}x"
-                f"{latent_w} (T x H x W), not divisible by STDiT's patch_size {patch_size}; use sizes that are "
-                f"multiples of {factor * ph} pixels and frame counts whose latent count is a multiple of {pt}"
+                f"the bucket {height}x{width} made from {settings} gives latents of {latent_h}x{latent_w}, not "
+                f"divisible by STDiT's patch_size {patch_size[1:]} (H, W); use sizes that are multiples of "
+                f"{factor * max(ph, pw)} pixels"
+            )
+        if latent_t % pt:
+            raise ValueError(
+                f"data.frame_counts entry {frames} gives {latent_t} latent frames, not divisible by STDiT's temporal "
+                f"patch {pt}; use frame counts whose latent frame count is a multiple of {pt}"
             )
 
 
@@ -429,7 +444,11 @@ class _VideoTask(Task):
         train = load_clips(config.data, "train")
         test = load_clips(config.data, "test")
         held_out = {"frames": np.zeros((0,), np.uint8), "caption": np.zeros((0,), object)}
-        if test is not None:
+        if test is None:
+            logger.warning("data.test_csv is empty, so task %s has no held-out clips: it writes no samples and no "
+                           "held-out metrics, and the VAE export keeps vae.shift and vae.scale unmeasured. Set "
+                           "data.test_csv to a CSV of held-out videos", config.task)
+        else:
             largest = max(test.buckets, key=len)
             held_out = {"frames": largest.frames, "caption": largest.caption}
         return train, held_out
@@ -815,6 +834,12 @@ class OpenSoraTask(Task):
             expected = {"vae": "opensora_vae", "stdit": "opensora_stdit"}[name]
             if stage.task != expected:
                 raise ValueError(f"model.{name}.task={stage.task!r} is invalid; the {name} stage runs {expected!r}")
+            if getattr(config.model, name).train.workdir != TrainConfig().workdir:
+                logger.warning("model.%s.train.workdir is ignored: the stage runs in %s under train.workdir", name,
+                               stage.train.workdir)
+        # Check the STDiT stage's shapes against the VAE this pipeline trains before any stage starts.
+        if not stdit.model.vae_path and isinstance(stdit_stage.data, VideoDataConfig):
+            check_video_geometry(vae_stage.model.vae, model.stdit.patch_size, stdit_stage.data)
         return [vae_stage, stdit_stage]
 
     @classmethod

@@ -84,7 +84,7 @@ def test_geometry_rejects_size_not_divisible_by_vae():
 def test_geometry_rejects_latent_frames_not_divisible_by_patch():
     tiny = config_lib.load_config("opensora.py")
     # 12 frames -> 3 latent frames, which a temporal patch of 2 does not divide.
-    with pytest.raises(ValueError, match=r"frame counts whose latent count is a multiple of 2"):
+    with pytest.raises(ValueError, match=r"entry 12 gives 3 latent frames, not divisible by STDiT's temporal patch 2"):
         check_video_geometry(tiny.model.vae.model.vae, (2, 2, 2), VideoDataConfig(frame_counts=(12,)))
 
 
@@ -214,3 +214,17 @@ def test_vae_stage_gan_term_switches_on_at_disc_start():
     assert np.isfinite(float(loss))
     assert float(after["spatial_rec_loss"]) > 0.0
     assert float(after["latent_rec_loss"]) > 0.0
+
+
+def test_stage_configs_check_stdit_shapes_first():
+    overrides = [f"model.{stage}.data.{key}={value}" for stage in ("vae", "stdit")
+                 for key, value in (("resolutions", "[36]"), ("bucket_multiple", "12"))]
+    config = config_lib.load_config("opensora.py", overrides)
+    with pytest.raises(ValueError, match=r"gives latents of 9x9, not divisible by STDiT's patch_size \(2, 2\)"):
+        tasks.stage_configs(config)
+
+
+def test_v12_stage_configs_pass_the_shape_check():
+    config = config_lib.load_config("opensora.py:v1.2")
+    vae_stage, stdit_stage = tasks.stage_configs(config)
+    assert stdit_stage.model.vae_path.endswith("vae/vae")
