@@ -112,10 +112,11 @@ def first_batch(config: config_lib.Config) -> dict[str, np.ndarray]:
     return next(BatchLoader({"image": images, "label": labels}, config.data.batch_size, seed=config.data.seed))
 
 
-def assert_close_to_scale(actual: np.ndarray, expected: np.ndarray, rtol: float, name: str) -> None:
-    """Check |actual - expected| <= rtol * max|expected| elementwise."""
+def assert_close_to_scale(actual: np.ndarray, expected: np.ndarray, rtol: float, name: str,
+                          floor: float = 1e-30) -> None:
+    """Check |actual - expected| <= rtol * max(max|expected|, floor) elementwise."""
     scale = float(np.abs(expected).max())
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * max(scale, 1e-30), err_msg=name)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * max(scale, floor), err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +246,11 @@ def test_train_step_matches_jaxgen(data_dir):
     expected_grads = nnx_to_torch(grads)
     torch_grads = {name: p.grad.numpy() for name, p in twin.named_parameters()}
     assert sorted(torch_grads) == sorted(expected_grads)
+    # The cross-attention over one label token ignores its queries, so the norm before it gets a gradient of
+    # exactly 0 in jaxgen and about 1e-13 in torch. Measure such tensors against the largest gradient.
+    largest = max(float(np.abs(grad).max()) for grad in expected_grads.values())
     for name, grad in torch_grads.items():
-        assert_close_to_scale(grad, expected_grads[name], GRAD_RTOL, name)
+        assert_close_to_scale(grad, expected_grads[name], GRAD_RTOL, name, floor=1e-6 * largest)
 
 
 # ---- optimizer, learning rate and EMA against jaxgen's optax chain --------------------------------------------
