@@ -38,6 +38,7 @@ Axis letters: B batch, T frames, H W height and width, C channels, L text tokens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -139,8 +140,8 @@ class OpenSoraVAEConfig:
     pretrained_spatial: str = ""
     discriminator: NLayerDiscriminatorConfig = NLayerDiscriminatorConfig(in_channels=3)
     # True: the export stores the per-channel mean and standard deviation of the held-out clips' latents as
-    # the VAE's shift and scale, so the STDiT stage trains on latents of about unit variance (Open-Sora 1.2's
-    # fixed values were measured on its own data the same way). False keeps vae.shift and vae.scale.
+    # the VAE's shift and scale, so the STDiT stage trains on latents of about unit variance. False keeps
+    # vae.shift and vae.scale, such as Open-Sora 1.2's fixed values.
     measure_latent_stats: bool = True
     # True draws both VAEs' latents from their posteriors while training, as Open-Sora does. False decodes the
     # posterior means: a randomly initialised encoder starts with unit variance, and on the tiny preset that
@@ -368,7 +369,7 @@ def check_video_geometry(vae: VideoVAEConfig, patch_size: tuple[int, int, int] |
 
 
 class VideoVAEWithDiscriminator(nnx.Module):
-    """The modules the VAE stage trains: the video VAE and, when used, a per-frame PatchGAN."""
+    """Container of the modules the VAE stage trains: the video VAE and, when used, a per-frame PatchGAN."""
 
     def __init__(self, vae: VideoAutoencoder, discriminator: NLayerDiscriminator | None, lpips=None):
         self.vae = vae
@@ -644,12 +645,22 @@ class TextConditioner:
         return cls(tokenizer, encoder)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_chunk(graphdef: nnx.GraphDef, state: nnx.State, videos: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).encode(videos)
+
+
 def _encode_videos(vae: VideoAutoencoder, frames: np.ndarray) -> np.ndarray:
-    """Return the normalized latents (posterior means) of uint8 clips [N, T, H, W, 3]."""
+    """Return the normalized latents (posterior means) of uint8 clips [N, T, H, W, 3].
+
+    The jitted encoder is shared by every call with the same model structure, so the exports after each
+    checkpoint compile it once.
+    """
     graphdef, state = nnx.split(vae)
-    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
-    return np.concatenate([np.asarray(encode(state, jnp.asarray(to_unit_range(frames[i:i + ENCODE_CHUNK]))))
-                           for i in range(0, len(frames), ENCODE_CHUNK)])
+    return np.concatenate([
+        np.asarray(_encode_chunk(graphdef, state, jnp.asarray(to_unit_range(frames[i:i + ENCODE_CHUNK]))))
+        for i in range(0, len(frames), ENCODE_CHUNK)
+    ])
 
 
 def _vae_path(config: Config) -> pathlib.Path:
