@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Draw the videos `args` asks for and return the process exit code."""
+    """Draw the videos that `args` requests and return the process exit code."""
     logger = logging.getLogger("jaxgen.sample")
     if not args.prompt:
         print('error: --cfg draws videos from text; add --prompt "the digit seven moves to the left"', file=sys.stderr)

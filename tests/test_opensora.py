@@ -187,7 +187,7 @@ def test_video_quality_scores_the_smoke_samples(smoke_run):
     assert "samples" in json.dumps(report)
 
 
-def test_vae_stage_gan_term_switches_on_at_disc_start():
+def test_vae_loss_gan_starts_at_disc_start():
     import dataclasses
 
     import jax.numpy as jnp
